@@ -1,0 +1,28 @@
+"""The tool's own error types. The CLI turns these (and only these) into exit codes."""
+
+
+class TurntuneError(Exception):
+    """Base class for every error that is the user's to fix (data, config, model folder)."""
+
+
+class DataError(TurntuneError, ValueError):
+    """A record that breaks a rule.
+
+    The message always says where (file:line, turn), which rule, and how to fix it:
+    ``data.jsonl:17: turn 3: two assistant messages in a row (merge them or insert the user turn)``.
+    """
+
+    def __init__(self, message: str, *, source: str = "", turn: int | None = None, rule: str = "") -> None:
+        self.source, self.turn, self.rule, self.detail = source, turn, rule, message
+        where = source
+        if turn is not None:
+            where = f"{where}: turn {turn}" if where else f"turn {turn}"
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+class ConfigError(TurntuneError, ValueError):
+    """A bad setting: names the setting and the valid values."""
+
+
+class TemplateError(TurntuneError, ValueError):
+    """A chat template that cannot give exact labels for a conversation."""
