@@ -1,0 +1,373 @@
+"""Conversation → training examples: the one place that decides which tokens are trained.
+
+Every chat format renders a whole conversation once (a :class:`Rendered`: ids, and for each
+token the assistant turn whose target it is). The strategies then only *slice* that rendering:
+
+- ``all``: one sequence, every reply trained.
+- ``expand``: one sequence per reply k, ending with k's terminator, only reply k trained. Under a
+  prefix-stable template this is exactly ``input_ids[:turn_end[k]]`` of ``all``, which is why
+  ``all`` with ``turn`` weighting has exactly ``expand``'s loss (DESIGN.md §1).
+- ``last``: one sequence, only the final reply trained.
+- ``full``: every token trained, user turns too (for comparison; warns).
+
+Where slicing would not be exact, the conversation is rendered again: conversations whose
+rendering is not prefix-stable are expanded for real, and conversations longer than
+``max_length`` become windows of whole rounds (``all``) or lose their oldest rounds of history
+(``expand``/``last``). Every such event is counted in an :class:`EncodeReport`.
+"""
+from __future__ import annotations
+
+import statistics
+import warnings
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, get_args
+
+from turntune.constants import IGNORE_INDEX
+from turntune.conversation import Conversation
+from turntune.errors import ConfigError, TurntuneError
+from turntune.example import Example
+from turntune.templates.base import Rendered, Template
+
+Strategy = Literal["all", "expand", "last", "full"]
+Weighting = Literal["token", "turn", "sample"]
+TemplateName = Literal["auto", "glm4", "hf"]
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
+WEIGHTINGS: tuple[str, ...] = get_args(Weighting)
+
+
+def check_choice(setting: str, value: str, valid: Sequence[str]) -> None:
+    if value not in valid:
+        raise ConfigError(f"{setting}: unknown value {value!r}; valid values: {', '.join(valid)}")
+
+
+def resolve_template(tokenizer, template: str | Template = "auto", chat_template: str | None = None) -> Template:
+    """``auto``: the native GLM-4 format when the tokenizer has GLM-4's special tokens, else the
+    tokenizer's own Jinja ``chat_template``."""
+    if not isinstance(template, str):
+        return template
+    check_choice("template", template, get_args(TemplateName))
+    from turntune.templates.glm4 import GLM4Template
+
+    if template == "glm4" or (template == "auto" and chat_template is None and GLM4Template.applies_to(tokenizer)):
+        return GLM4Template(tokenizer)
+    if chat_template is None and not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(
+            "template: the tokenizer has no chat_template and no native format applies "
+            f"(native formats: glm4); give data.chat_template (a Jinja file) or use a chat model's tokenizer")
+    from turntune.templates.hf import HFTemplate
+
+    return HFTemplate(tokenizer, chat_template=chat_template)
+
+
+# -- the report ---------------------------------------------------------------------------------
+@dataclass
+class EncodeReport:
+    """What encoding did to the data, so that nothing is lost silently."""
+
+    conversations: int = 0
+    examples: int = 0
+    replies: int = 0
+    replies_trained: int = 0
+    replies_lost: int = 0  # a reply that cannot fit max_length even with no history (not cut)
+    replies_cut: int = 0  # cut at max_length because the user asked for it
+    windows: int = 0  # sequences made by splitting long conversations (all), beyond the first
+    history_rounds_dropped: int = 0  # expand/last: oldest whole rounds dropped to fit
+    not_prefix_stable: int = 0  # conversations expanded for real because slicing is not exact
+    conversations_without_labels: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    reply_tokens: int = 0  # target tokens of every reply in the data, trained or not
+    reply_tokens_trained: int = 0
+    history_seen: list[int] = field(default_factory=list)  # context tokens before each trained reply
+
+    def merge(self, other: "EncodeReport") -> None:
+        for name, value in vars(other).items():
+            if isinstance(value, list):
+                getattr(self, name).extend(value)
+            else:
+                setattr(self, name, getattr(self, name) + value)
+
+    def summary(self) -> str:
+        h = sorted(self.history_seen)
+        med = statistics.median(h) if h else 0
+        p10 = h[len(h) // 10] if h else 0
+        share = self.reply_tokens_trained / self.reply_tokens if self.reply_tokens else 0.0
+        lines = [
+            f"conversations {self.conversations}  ->  examples {self.examples}"
+            f" (extra windows {self.windows})",
+            f"tokens {self.tokens:,}  trained {self.trained_tokens:,}"
+            f" ({self.trained_tokens / max(self.tokens, 1):.1%} of tokens)",
+            f"replies {self.replies}: trained {self.replies_trained}, lost (too long) {self.replies_lost},"
+            f" cut {self.replies_cut}; reply tokens trained {share:.1%}",
+            f"history: rounds dropped {self.history_rounds_dropped}; tokens seen per reply median {med:.0f},"
+            f" p10 {p10}",
+            f"not prefix-stable (expanded for real) {self.not_prefix_stable};"
+            f" conversations with nothing to train {self.conversations_without_labels}",
+        ]
+        return "\n".join(lines)
+
+
+# -- public entry points ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EncodeOptions:
+    strategy: Strategy = "all"
+    weighting: Weighting = "token"
+    max_length: int | None = None
+    cut_long_replies: bool = False
+    history_fraction: float = 0.3
+
+    def __post_init__(self) -> None:
+        check_choice("strategy", self.strategy, STRATEGIES)
+        check_choice("weighting", self.weighting, WEIGHTINGS)
+        if self.max_length is not None and self.max_length < 8:
+            raise ConfigError(f"max_length: {self.max_length} is too small (at least 8)")
+        if not 0.0 <= self.history_fraction < 1.0:
+            raise ConfigError(f"history_fraction: {self.history_fraction} must be in [0, 1)")
+
+
+_warned_full = False
+
+
+def encode(
+    messages: Conversation | list[dict],
+    tokenizer=None,
+    *,
+    template: str | Template = "auto",
+    strategy: Strategy = "all",
+    weighting: Weighting = "token",
+    max_length: int | None = None,
+    cut_long_replies: bool = False,
+    history_fraction: float = 0.3,
+    report: EncodeReport | None = None,
+) -> list[Example]:
+    """Encode one conversation into training examples.
+
+    >>> exs = encode([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}], tok)
+    >>> exs[0].labels   # -100 on the prompt, the reply's ids (and its terminator) after it
+    """
+    if not isinstance(messages, Conversation):
+        from turntune.data import parse_record
+
+        messages = parse_record({"messages": messages}, source="<messages>")
+    tmpl = resolve_template(tokenizer, template)
+    opts = EncodeOptions(strategy, weighting, max_length, cut_long_replies, history_fraction)
+    return encode_conversations([messages], tmpl, opts, report=report)
+
+
+def encode_conversations(
+    conversations: Iterable[Conversation],
+    template: Template,
+    options: EncodeOptions = EncodeOptions(),
+    *,
+    report: EncodeReport | None = None,
+    chunk: int = 512,
+    progress=None,
+) -> list[Example]:
+    """Encode many conversations; tokenizer calls are batched ``chunk`` conversations at a time."""
+    global _warned_full
+    if options.strategy == "full" and not _warned_full:
+        warnings.warn("strategy 'full' trains on user and system tokens too: the model learns to write "
+                      "the user's turns. Use 'all' unless you are comparing.", stacklevel=2)
+        _warned_full = True
+    report = report if report is not None else EncodeReport()
+    convs = list(conversations)
+    out: list[Example] = []
+    render_many = getattr(template, "render_many", None)
+    for lo in range(0, len(convs), chunk):
+        part = convs[lo:lo + chunk]
+        rendered = render_many(part) if render_many else [template.render(c) for c in part]
+        for conv, r in zip(part, rendered):
+            out.extend(_Encoder(conv, r, template, options, report).run())
+        if progress is not None:
+            progress(len(part))
+    return out
+
+
+# -- one conversation ---------------------------------------------------------------------------
+class _Encoder:
+    """Turns one conversation and its rendering into examples (see the module docstring)."""
+
+    def __init__(self, conv: Conversation, r: Rendered, template: Template, opts: EncodeOptions,
+                 report: EncodeReport) -> None:
+        self.conv, self.r, self.template, self.o, self.report = conv, r, template, opts, report
+        self.limit = opts.max_length or 1 << 62
+        self.asst = conv.assistant_indices  # message index of turn k
+        self.n = len(r.turn_end)
+        if self.n != len(self.asst):
+            raise TurntuneError(f"{conv.source}: template {template.name} rendered {self.n} replies, "
+                                f"the conversation has {len(self.asst)}")
+        msgs = conv.messages
+        self.sys = 1 if msgs and msgs[0].role == "system" else 0
+        # A window or truncated history starts at a round: a user message (never inside a tool chain).
+        self.round_starts = [i for i, m in enumerate(msgs) if m.role == "user" and i >= self.sys] or [self.sys]
+        counts = Counter(r.message)
+        self.msg_tok = [counts.get(i, 0) for i in range(len(msgs))]
+        self.overhead = counts.get(-1, 0) + sum(self.msg_tok[: self.sys])
+        self.cum = [0]
+        for c in self.msg_tok:
+            self.cum.append(self.cum[-1] + c)
+
+    def run(self) -> list[Example]:
+        rep, r, s = self.report, self.r, self.o.strategy
+        rep.conversations += 1
+        rep.replies += self.n
+        rep.reply_tokens += sum(1 for t in r.turn if t >= 0)
+        if s == "full":
+            exs = [self._full()]
+        elif not r.prefix_stable and s != "last":
+            rep.not_prefix_stable += 1
+            exs = [e for k in range(self.n) if (e := self._for_turn(k)) is not None]
+        elif s == "expand":
+            exs = [e for k in range(self.n) if (e := self._for_turn(k)) is not None]
+        elif s == "last":
+            e = self._for_turn(self.n - 1)
+            exs = [e] if e is not None else []
+        elif r.turn_end[-1] <= self.limit:
+            exs = [self._make(r, r.turn_end[-1], set(range(self.n)), 0, list(range(len(self.conv.messages))))]
+        else:
+            exs = self._windows()
+        exs = [e for e in exs if e.n_trained > 0]
+        if s == "all" and r.prefix_stable:
+            rep.windows += max(len(exs) - 1, 0)
+        if not exs:
+            rep.conversations_without_labels += 1
+        self._weigh(exs)
+        for e in exs:
+            rep.examples += 1
+            rep.tokens += len(e)
+            rep.trained_tokens += e.n_trained
+        return exs
+
+    # -- building blocks ------------------------------------------------------------------------
+    def _est(self, start: int, end: int) -> int:
+        """Estimated tokens of the system prompt plus messages[start..end] rendered alone."""
+        return self.overhead + self.cum[end + 1] - self.cum[start]
+
+    def _render_slice(self, start: int, end: int) -> tuple[Rendered, list[int], int]:
+        """Render system + messages[start..end]. Returns it, the map from its message indices to
+        the conversation's, and the conversation turn index of its first reply."""
+        msgs = self.conv.messages
+        keep = list(range(self.sys)) + list(range(start, end + 1))
+        sub = Conversation(tuple(msgs[i] for i in keep), self.conv.tools, self.conv.source)
+        first_turn = sum(1 for a in self.asst if a < start)
+        return self.template.render(sub), keep, first_turn
+
+    def _round_of(self, k: int) -> int:
+        return max((s for s in self.round_starts if s <= self.asst[k]), default=self.sys)
+
+    def _for_turn(self, k: int) -> Example | None:
+        """Reply k alone, with as much history as fits (oldest whole rounds dropped first)."""
+        r = self.r
+        if r.prefix_stable and r.turn_end[k] <= self.limit:
+            return self._make(r, r.turn_end[k], {k}, 0, list(range(len(self.conv.messages))))
+        end = self.asst[k]
+        # Candidate starts, most history first; the last one keeps only reply k's own round.
+        starts = [s for s in self.round_starts if s <= self._round_of(k)]
+        for start in starts:
+            final = start == starts[-1]
+            if not final and self._est(start, end) > self.limit:
+                continue
+            sub, keep, t0 = self._render_slice(start, end)
+            if len(sub.input_ids) <= self.limit or final:
+                self.report.history_rounds_dropped += sum(1 for s in self.round_starts if s < start)
+                local = k - t0
+                return self._make(sub, sub.turn_end[local], {local}, t0, keep)
+        return None
+
+    def _windows(self) -> list[Example]:
+        """Split a conversation longer than max_length into windows of whole rounds.
+
+        Each window is the system prompt, up to ``history_fraction`` of max_length of preceding
+        history, then as many new replies as fit; each reply is trained in exactly one window.
+        """
+        out: list[Example] = []
+        budget = int(self.o.history_fraction * self.limit)
+        t = 0
+        while t < self.n:
+            rs = self._round_of(t)
+            start = rs
+            for s in reversed([s for s in self.round_starts if s < rs]):  # grow history backwards
+                if self._est(s, rs - 1) - self.overhead > budget:
+                    break
+                start = s
+            last = t
+            while last + 1 < self.n and self._est(start, self.asst[last + 1]) <= self.limit:
+                last += 1
+            while True:  # the estimate can be off by a few template tokens: verify, then shrink
+                sub, keep, t0 = self._render_slice(start, self.asst[last])
+                if len(sub.input_ids) <= self.limit or (start == rs and last == t):
+                    break
+                if last > t:
+                    last -= 1
+                else:
+                    start = min(s for s in self.round_starts if s > start)
+            ex = self._make(sub, sub.turn_end[last - t0], set(range(t - t0, last - t0 + 1)), t0, keep)
+            out.append(ex)
+            t = last + 1
+        return out
+
+    def _full(self) -> Example:
+        r = self.r
+        end = min(len(r.input_ids), self.limit)
+        labels = [IGNORE_INDEX] + r.input_ids[1:end]  # position 0 is never predicted
+        ex = Example(r.input_ids[:end], labels, r.turn[:end], [0.0] * end, self.conv.source, self.n, r.message[:end])
+        self.report.replies_trained += len({t for t in r.turn[:end] if t >= 0})
+        self.report.reply_tokens_trained += sum(1 for t in r.turn[:end] if t >= 0)
+        return ex
+
+    def _make(self, r: Rendered, end: int, train: set[int], t0: int, keep: list[int]) -> Example:
+        """Cut ``r`` at ``end`` (and at max_length), label the local turns in ``train``."""
+        rep = self.report
+        cut = end > self.limit
+        if cut:
+            end = self.limit
+        ids = r.input_ids[:end]
+        labels, turn = [IGNORE_INDEX] * end, [-1] * end
+        for i in range(1, end):  # position 0 has nothing before it to predict it from
+            t = r.turn[i]
+            if t in train:
+                labels[i], turn[i] = ids[i], t + t0
+        message = [keep[m] if m >= 0 else -1 for m in r.message[:end]]
+        seen = {}
+        for i, t in enumerate(turn):
+            if t >= 0 and t not in seen:
+                seen[t] = i
+        trained_turns = set(seen)
+        for t in train:
+            if t + t0 not in trained_turns:
+                rep.replies_lost += 1
+        if cut and not self.o.cut_long_replies:
+            # Never cut inside a reply unless asked: drop the replies that do not end in time.
+            # (`_for_turn`/`_windows` only get here when the reply cannot fit on its own.)
+            for t in list(trained_turns):
+                if r.turn_end[t - t0] > self.limit:
+                    rep.replies_lost += 1
+                    trained_turns.discard(t)
+                    for i in range(end):
+                        if turn[i] == t:
+                            labels[i], turn[i] = IGNORE_INDEX, -1
+        elif cut:
+            rep.replies_cut += sum(1 for t in trained_turns if r.turn_end[t - t0] > self.limit)
+        rep.replies_trained += len(trained_turns)
+        rep.reply_tokens_trained += sum(1 for t in turn if t >= 0)
+        for t in trained_turns:
+            rep.history_seen.append(seen[t])
+        return Example(ids, labels, turn, [0.0] * end, self.conv.source, self.n, message)
+
+    def _weigh(self, exs: list[Example]) -> None:
+        """Per-token weights: the loss of any batch is sum(w * loss) / sum(w)."""
+        w = self.o.weighting
+        per_turn = Counter(t for e in exs for t, lab in zip(e.turn, e.labels) if lab != IGNORE_INDEX)
+        total = sum(e.n_trained for e in exs)
+        for e in exs:
+            for i, lab in enumerate(e.labels):
+                if lab == IGNORE_INDEX:
+                    continue
+                if w == "token":
+                    e.weight[i] = 1.0
+                elif w == "turn":  # each reply counts once; `full`'s user tokens count as one turn
+                    e.weight[i] = 1.0 / per_turn[e.turn[i]]
+                else:
+                    e.weight[i] = 1.0 / total
