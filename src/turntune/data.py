@@ -1,0 +1,401 @@
+"""Reading and validating conversation files: the first stage of the data flow.
+
+Every record is checked for structure here, before anything is tokenized, so a bad record is
+reported once with where (``file:line``, turn), which rule, and how to fix it.
+
+Files: ``.json`` is one document (a list of records, or one record; sources ``file:#i``, i
+0-based); anything else is JSONL, read line by line (one record per line, blank lines ignored,
+a UTF-8 BOM tolerated; sources ``file:line``, 1-based).
+
+Record shapes, detected per record in ``auto`` mode (a mixed file is fine):
+
+- ``openai``: ``{"messages": [{"role", "content", "tool_calls": [{"type": "function",
+  "function": {"name", "arguments"}}]}], "tools": [...]}``, roles system/user/assistant/tool.
+- ``glm4``: ``{"messages": [...]}`` or a bare list; roles system/user/assistant/observation;
+  ``tools`` on the system message; a tool call is ``{"role": "assistant", "metadata": NAME,
+  "content": ARGUMENTS_JSON}``. Chosen over ``openai`` when a message has ``observation``,
+  ``metadata`` or ``tools``.
+- ``sharegpt``: ``{"conversations": [{"from", "value"}], "system": ..., "tools": ...}``, from
+  system/human/gpt/function_call/observation; a ``function_call`` value is JSON
+  ``{"name", "arguments"}`` (or a list of them).
+
+Choices (each a place where templates or trainers disagree):
+
+- Tool-call arguments must be a JSON object (text or dict; a dict is dumped with
+  ``ensure_ascii=False``). So GLM-4 code-interpreter calls with raw code are rejected.
+- An empty assistant reply without tool calls is kept but counted (note ``empty_reply``): it
+  trains only the terminator, i.e. teaches the model to stop at once, and some Hugging Face
+  templates drop empty messages (the encoder's span check catches that). Empty user, system or
+  tool text is kept as is.
+- A conversation may end on a user or tool turn: those messages are kept (they are context that
+  carries no loss in any strategy but ``full``) and counted (note ``trailing_context``).
+- A conversation may start with an assistant message after the system prompt (a greeting).
+- An assistant tool call need not be followed by its result (the model learns to call).
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+from turntune.conversation import Conversation, Message, ToolCall
+from turntune.errors import ConfigError, DataError
+
+Format = Literal["auto", "openai", "glm4", "sharegpt"]
+OnInvalid = Literal["error", "skip"]
+FORMATS: tuple[str, ...] = ("auto", "openai", "glm4", "sharegpt")
+# The closed set of rule names a DataError from this module can carry (part of the public API).
+RULES: tuple[str, ...] = (
+    "missing_file", "bad_json", "bad_utf8", "unknown_format", "unknown_role", "content_not_string",
+    "bad_tool_call", "bad_tools", "empty_conversation", "system_not_first", "consecutive_user",
+    "consecutive_assistant", "tool_without_call", "no_assistant",
+)
+# Each format's role names mapped onto ours. ShareGPT's function_call is an assistant tool call.
+_ROLES: dict[str, dict[str, str]] = {
+    "openai": {"system": "system", "user": "user", "assistant": "assistant", "tool": "tool"},
+    "glm4": {"system": "system", "user": "user", "assistant": "assistant", "observation": "tool"},
+    "sharegpt": {"system": "system", "human": "user", "gpt": "assistant",
+                 "function_call": "assistant", "observation": "tool"},
+}
+MAX_EXAMPLES = 3  # error texts kept per rule in a DataReport
+
+
+@dataclass
+class DataReport:
+    """What a load saw. Nothing is dropped without being counted here."""
+
+    path: str = ""
+    records: int = 0  # non-blank records read
+    valid: int = 0
+    skipped: Counter = field(default_factory=Counter)  # rule -> records skipped for it
+    formats: Counter = field(default_factory=Counter)  # format -> valid records in it
+    examples: dict[str, list[str]] = field(default_factory=dict)  # rule -> first error texts
+    notes: Counter = field(default_factory=Counter)  # kept but worth knowing (see module doc)
+    messages: int = 0  # in valid conversations
+    assistant_turns: int = 0  # in valid conversations
+
+    @property
+    def n_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def summary(self) -> str:
+        """Human-readable, several lines: counts, formats, each rule with its first errors."""
+        lines = [f"{self.path}: {self.records} records, {self.valid} valid, {self.n_skipped} skipped"]
+        if self.formats:
+            lines.append("  formats: " + ", ".join(f"{k} {v}" for k, v in sorted(self.formats.items())))
+        if self.valid:
+            lines.append(f"  messages: {self.messages}, assistant turns: {self.assistant_turns}"
+                         f" ({self.assistant_turns / self.valid:.1f} per conversation)")
+        for rule, n in sorted(self.skipped.items()):
+            lines.append(f"  skipped {rule}: {n}")
+            lines.extend(f"    {text}" for text in self.examples.get(rule, []))
+        why = {"empty_reply": "assistant replies with no text and no tool call (train only the stop)",
+               "trailing_context": "conversations end after their last reply (no loss there)"}
+        lines.extend(f"  note {k}: {v} {why.get(k, '')}".rstrip() for k, v in sorted(self.notes.items()))
+        return "\n".join(lines)
+
+
+@dataclass
+class LoadResult:
+    conversations: list[Conversation]
+    report: DataReport
+
+
+def load_conversations(path: str | Path, *, format: Format = "auto",
+                       on_invalid: OnInvalid = "error") -> LoadResult:
+    """Read and validate every record of a JSONL/JSON file.
+
+    ``on_invalid="error"`` raises the first DataError; ``"skip"`` drops bad records and counts
+    them per rule in ``report``. A ``.json`` file that does not parse raises in both modes (there
+    is no record to skip to).
+
+    >>> res = load_conversations("examples/data/train.jsonl")  # doctest: +SKIP
+    >>> print(res.report.summary())  # doctest: +SKIP
+    """
+    _check_choice("format", format, FORMATS)
+    _check_choice("on_invalid", on_invalid, ("error", "skip"))
+    path = Path(path)
+    name = str(path)
+    if not path.is_file():
+        raise DataError("no such file (check the path)", source=name, rule="missing_file")
+    report, conversations = DataReport(path=name), []
+    for source, obj in _records(path, name):
+        report.records += 1
+        try:
+            if isinstance(obj, DataError):
+                raise obj
+            conv, fmt = _parse(obj, source, format)
+        except DataError as err:
+            if on_invalid == "error":
+                raise
+            report.skipped[err.rule] += 1
+            kept = report.examples.setdefault(err.rule, [])
+            if len(kept) < MAX_EXAMPLES:
+                kept.append(str(err))
+            continue
+        conversations.append(conv)
+        report.valid += 1
+        report.formats[fmt] += 1
+        report.messages += len(conv.messages)
+        report.assistant_turns += len(conv.assistant_indices)
+        report.notes["empty_reply"] += sum(
+            1 for m in conv.messages if m.role == "assistant" and not m.tool_calls and not m.content.strip())
+        report.notes["trailing_context"] += conv.messages[-1].role != "assistant"
+    report.notes = +report.notes  # drop zero counts
+    return LoadResult(conversations, report)
+
+
+def parse_record(obj: Any, source: str = "", format: Format = "auto") -> Conversation:
+    """Validate one in-memory record and normalise it; raises DataError.
+
+    >>> parse_record({"messages": [{"role": "user", "content": "Hi"},
+    ...                            {"role": "assistant", "content": "Hello"}]}).messages[1].content
+    'Hello'
+    """
+    _check_choice("format", format, FORMATS)
+    return _parse(obj, source, format)[0]
+
+
+def detect_format(obj: Any, source: str = "") -> str:
+    """``openai``, ``glm4`` or ``sharegpt`` for one record; DataError ``unknown_format`` otherwise."""
+    if isinstance(obj, list):
+        return "glm4"
+    if isinstance(obj, dict):
+        if "conversations" in obj:
+            return "sharegpt"
+        msgs = obj.get("messages")
+        if isinstance(msgs, list):
+            glm = any(isinstance(m, dict) and (m.get("role") == "observation" or m.get("metadata")
+                                               or "tools" in m) for m in msgs)
+            return "glm4" if glm else "openai"
+    raise DataError('not a conversation (expected {"messages": [...]}, {"conversations": [...]}'
+                    " or a list of messages)", source=source, rule="unknown_format")
+
+
+# ---- reading ---------------------------------------------------------------------------------
+
+_BOM = b"\xef\xbb\xbf"
+
+
+def _records(path: Path, name: str) -> Iterator[tuple[str, Any]]:
+    """Yield ``(source, record)``; a bad line yields a DataError as its record (for skip mode)."""
+    if path.suffix.lower() == ".json":
+        yield from _json_records(path, name)
+        return
+    # Binary lines: split on b"\n" only (text mode / str.splitlines would also split on U+2028
+    # inside strings), so line numbers match what editors show, and bad UTF-8 stays per line.
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            source = f"{name}:{lineno}"
+            if lineno == 1 and raw.startswith(_BOM):
+                raw = raw[len(_BOM):]
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield source, DataError(f"invalid UTF-8 at byte {e.start} of the line "
+                                        "(re-save the file as UTF-8)", source=source, rule="bad_utf8")
+                continue
+            if not text.strip():
+                continue
+            try:
+                yield source, json.loads(text)
+            except json.JSONDecodeError as e:
+                fix = ("the file ends mid-record: was it truncated? (remove the partial last line)"
+                       if not raw.endswith(b"\n") else "fix the line; JSONL holds one JSON record per line")
+                yield source, DataError(f"not valid JSON: {e.msg} at column {e.colno} ({fix})",
+                                        source=source, rule="bad_json")
+
+
+def _json_records(path: Path, name: str) -> Iterator[tuple[str, Any]]:
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"invalid UTF-8 at byte {e.start} (re-save the file as UTF-8)",
+                        source=name, rule="bad_utf8") from None
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        fix = ("one record per line belongs in a .jsonl file" if e.msg == "Extra data"
+               else "fix the JSON syntax")
+        raise DataError(f"not valid JSON: {e.msg} at column {e.colno} ({fix})",
+                        source=f"{name}:{e.lineno}", rule="bad_json") from None
+    # A list of message dicts is one bare GLM-4 conversation, not a list of records.
+    if isinstance(doc, list) and not (doc and all(isinstance(m, dict) and "role" in m for m in doc)):
+        for i, record in enumerate(doc):
+            yield f"{name}:#{i}", record
+    else:
+        yield f"{name}:#0", doc
+
+
+# ---- normalising -----------------------------------------------------------------------------
+
+# (1-based turn in the record's own message list, or None for a message the format implies)
+_Item = tuple[int | None, Message]
+
+
+def _parse(obj: Any, source: str, format: str) -> tuple[Conversation, str]:
+    fmt = detect_format(obj, source) if format == "auto" else format
+    items, tools = {"openai": _openai, "glm4": _glm4, "sharegpt": _sharegpt}[fmt](obj, source)
+    _check_structure(items, source)
+    return Conversation(tuple(m for _, m in items), tuple(tools), source), fmt
+
+
+def _messages(obj: Any, key: str, fmt: str, source: str) -> list:
+    msgs = obj if (fmt == "glm4" and isinstance(obj, list)) else (
+        obj.get(key) if isinstance(obj, dict) else None)
+    if not isinstance(msgs, list):
+        raise DataError(f'not a {fmt} record: expected a list under "{key}"'
+                        " (set the format to auto or fix the record)", source=source, rule="unknown_format")
+    return msgs
+
+
+def _role(m: Any, key: str, fmt: str, source: str, turn: int) -> str:
+    if not isinstance(m, dict):
+        raise DataError(f"message is a {type(m).__name__}, not an object", source=source, turn=turn,
+                        rule="unknown_format")
+    known = _ROLES[fmt]
+    if m.get(key) not in known:
+        raise DataError(f"unknown role {m.get(key)!r} (the {fmt} format knows {', '.join(known)})",
+                        source=source, turn=turn, rule="unknown_role")
+    return m[key]
+
+
+def _text(value: Any, source: str, turn: int | None, what: str = "content") -> str:
+    if not isinstance(value, str):
+        kind = "missing" if value is None else f"a {type(value).__name__}"
+        raise DataError(f"{what} is {kind}, not a string (make it one string; join text parts)",
+                        source=source, turn=turn, rule="content_not_string")
+    return value
+
+
+def _call(name: Any, arguments: Any, source: str, turn: int) -> ToolCall:
+    if not isinstance(name, str) or not name.strip():
+        raise DataError("tool call has no function name (give each call a non-empty name)",
+                        source=source, turn=turn, rule="bad_tool_call")
+    if isinstance(arguments, str):
+        try:
+            ok = isinstance(json.loads(arguments), dict)
+        except json.JSONDecodeError:
+            ok = False
+    else:
+        ok = isinstance(arguments, dict)
+        arguments = json.dumps(arguments, ensure_ascii=False) if ok else arguments
+    if not ok:
+        raise DataError(f"arguments of tool call {name!r} are not a JSON object "
+                        '(write them as {"arg": value}, as an object or its JSON text)',
+                        source=source, turn=turn, rule="bad_tool_call")
+    return ToolCall(name, arguments)
+
+
+def _tools(value: Any, source: str) -> list[dict]:
+    if value is None:
+        return []
+    if isinstance(value, str):  # ShareGPT files (LLaMA-Factory) store tools as JSON text
+        try:
+            value = json.loads(value) if value.strip() else []
+        except json.JSONDecodeError:
+            value = None
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise DataError("tools must be a list of JSON-schema objects (or its JSON text)",
+                        source=source, rule="bad_tools")
+    return value
+
+
+def _openai(obj: Any, source: str) -> tuple[list[_Item], list[dict]]:
+    items: list[_Item] = []
+    for turn, m in enumerate(_messages(obj, "messages", "openai", source), 1):
+        role = _role(m, "role", "openai", source, turn)
+        calls: tuple[ToolCall, ...] = ()
+        if role == "assistant" and m.get("tool_calls") is not None:
+            raw = m["tool_calls"]
+            if not isinstance(raw, list) or not all(isinstance(c, dict) and isinstance(c.get("function"), dict)
+                                                    for c in raw):
+                raise DataError('tool_calls must be a list of {"type": "function", "function": '
+                                '{"name", "arguments"}}', source=source, turn=turn, rule="bad_tool_call")
+            calls = tuple(_call(c["function"].get("name"), c["function"].get("arguments"), source, turn)
+                          for c in raw)
+        content = "" if (calls and m.get("content") is None) else _text(m.get("content"), source, turn)
+        name = m.get("name") if role == "tool" and isinstance(m.get("name"), str) else None
+        items.append((turn, Message(role, content, calls, name)))  # type: ignore[arg-type]
+    return items, _tools(obj.get("tools"), source)
+
+
+def _glm4(obj: Any, source: str) -> tuple[list[_Item], list[dict]]:
+    items: list[_Item] = []
+    tools = _tools(obj.get("tools"), source) if isinstance(obj, dict) else []
+    for turn, m in enumerate(_messages(obj, "messages", "glm4", source), 1):
+        role = _ROLES["glm4"][_role(m, "role", "glm4", source, turn)]
+        content = _text(m.get("content"), source, turn)
+        if role == "system":
+            tools += _tools(m.get("tools"), source)
+        meta = m.get("metadata")
+        if meta is not None and not isinstance(meta, str):
+            raise DataError("metadata must be a string (the called function's name)",
+                            source=source, turn=turn, rule="bad_tool_call")
+        if role == "assistant" and meta and meta.strip():
+            items.append((turn, Message("assistant", "", (_call(meta.strip(), content, source, turn),))))
+        else:
+            items.append((turn, Message(role, content)))  # type: ignore[arg-type]
+    return items, tools
+
+
+def _sharegpt(obj: Any, source: str) -> tuple[list[_Item], list[dict]]:
+    msgs = _messages(obj, "conversations", "sharegpt", source)
+    items: list[_Item] = []
+    if obj.get("system") is not None:  # the top-level system prompt is implied as message 0
+        system = _text(obj["system"], source, None, "system")
+        if system:
+            items.append((None, Message("system", system)))
+    for turn, m in enumerate(msgs, 1):
+        sender = _role(m, "from", "sharegpt", source, turn)
+        value = _text(m.get("value"), source, turn, "value")
+        if sender != "function_call":
+            items.append((turn, Message(_ROLES["sharegpt"][sender], value)))  # type: ignore[arg-type]
+            continue
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = None
+        parsed = parsed if isinstance(parsed, list) else [parsed]
+        if not parsed or not all(isinstance(c, dict) for c in parsed):
+            raise DataError('function_call value must be JSON {"name": ..., "arguments": {...}} or a list '
+                            "of them", source=source, turn=turn, rule="bad_tool_call")
+        calls = tuple(_call(c.get("name"), c.get("arguments"), source, turn) for c in parsed)
+        items.append((turn, Message("assistant", "", calls)))
+    return items, _tools(obj.get("tools"), source)
+
+
+# ---- structure -------------------------------------------------------------------------------
+
+def _check_structure(items: list[_Item], source: str) -> None:
+    """The role-order rules every template relies on; the first broken one raises."""
+    if not items:
+        raise DataError("no messages (drop the record, or add a user turn and an assistant reply)",
+                        source=source, rule="empty_conversation")
+    prev: Message | None = None
+    for k, (turn, m) in enumerate(items):
+        broken = None
+        if m.role == "system" and k > 0:
+            broken = ("system_not_first", "system message after the start "
+                      "(move it to the start or merge it into the first system message)")
+        elif prev is not None and m.role == prev.role == "user":
+            broken = ("consecutive_user", "two user messages in a row (merge them or insert the assistant reply)")
+        elif prev is not None and m.role == prev.role == "assistant":
+            broken = ("consecutive_assistant",
+                      "two assistant messages in a row (merge them or insert the user turn)")
+        elif m.role == "tool" and not (prev is not None and (prev.role == "tool" or prev.tool_calls)):
+            broken = ("tool_without_call", "tool result without an assistant tool call before it "
+                      "(add the assistant message that makes the call, or drop the result)")
+        if broken:
+            raise DataError(broken[1], source=source, turn=turn, rule=broken[0])
+        prev = m
+    if not any(m.role == "assistant" for _, m in items):
+        raise DataError("no assistant reply, so nothing to train on (add one or drop the record)",
+                        source=source, rule="no_assistant")
+
+
+def _check_choice(setting: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ConfigError(f"{setting}={value!r} is not one of {', '.join(valid)}")
