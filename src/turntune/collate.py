@@ -1,0 +1,322 @@
+"""Collation: examples -> one ``Batch`` (padded or packed), and the samplers that group them.
+
+Two layouts, one label rule.
+
+- **padded**: one example per row, padded to the longest row (right by default). Pads get
+  ``IGNORE_INDEX`` labels, weight 0 and ``attention_mask`` 0.
+- **packed**: several whole examples per row, ``position_ids`` restarting at 0 for each, no
+  ``attention_mask``. Transformers 5 turns restarting ``position_ids`` into a block-diagonal
+  causal mask (``masking_utils.find_packed_sequence_indices``) -- but only when
+  ``attention_mask is None`` *and* no cache exists. The model builds a cache whenever
+  ``use_cache`` is true, and it defaults to ``config.use_cache`` (true for every chat model), so a
+  plain ``model(input_ids, position_ids=...)`` silently lets each example attend to the previous
+  ones in its row. ``model_inputs`` therefore always passes ``use_cache=False``; a test pins the
+  trap. We keep position_ids (not a 4-D mask) as the default because it is O(T) memory, keeps
+  sdpa's fused kernels, and is exactly what flash_attention_2's varlen path reads
+  (``cu_seqlens`` from position_ids) on CUDA. ``block_causal_mask`` gives the 4-D float
+  alternative (O(T^2) per row; float, since eager *adds* the mask and a boolean one is wrong).
+
+The label rule: the first token of every example never has a label. HF-style models shift inside
+(logits at position i predict ``labels[i+1]``), so the label at an example's first position would
+be predicted from whatever precedes it in the row: the end of the previous packed example, or a
+left pad. Unpacked and right-padded, the shift drops it anyway, so clearing it everywhere makes
+every layout train exactly the same tokens with the same weights.
+"""
+from __future__ import annotations
+
+import bisect
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Literal
+
+import torch
+
+from turntune.constants import IGNORE_INDEX, NO_TURN
+from turntune.errors import ConfigError, DataError
+from turntune.example import Example
+
+
+@dataclass
+class Batch:
+    """Tensors of one micro-batch, all (rows, T). ``weight`` is 0 wherever ``labels`` is ignored."""
+
+    input_ids: torch.Tensor  # long
+    labels: torch.Tensor  # long, IGNORE_INDEX on pads and on each example's first token
+    weight: torch.Tensor  # float32 per-token loss weight
+    turn: torch.Tensor  # long, NO_TURN on pads / context
+    attention_mask: torch.Tensor | None  # long, 1 = real token; None when packed
+    position_ids: torch.Tensor | None  # long, restarting at 0 per example
+    seq_lens: list[list[int]]  # per row, the lengths of its examples in order (pads excluded)
+
+    @property
+    def packed(self) -> bool:
+        return self.attention_mask is None
+
+    @property
+    def n_examples(self) -> int:
+        return sum(len(r) for r in self.seq_lens)
+
+    @property
+    def n_real_tokens(self) -> int:
+        return sum(sum(r) for r in self.seq_lens)
+
+    @property
+    def n_trained(self) -> int:
+        return int((self.labels != IGNORE_INDEX).sum())
+
+    @property
+    def total_weight(self) -> float:
+        """Sum of loss weights: this batch's share of the step's denominator (see loss.py)."""
+        return float(self.weight.sum(dtype=torch.float64))
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        moved = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            moved[f.name] = v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
+        return Batch(**moved)
+
+
+def _example_tensors(ex: Example) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, labels, weight, turn) of one example, with the first label cleared (module doc)."""
+    n = len(ex.input_ids)
+    if n == 0:
+        raise DataError("empty example (no tokens)", source=ex.source, rule="empty")
+    if not len(ex.labels) == len(ex.weight) == len(ex.turn) == n:
+        raise DataError(
+            f"input_ids/labels/weight/turn lengths differ ({n}/{len(ex.labels)}/{len(ex.weight)}/{len(ex.turn)})",
+            source=ex.source, rule="lengths",
+        )
+    labels = torch.tensor(ex.labels, dtype=torch.long)
+    labels[0] = IGNORE_INDEX
+    weight = torch.tensor(ex.weight, dtype=torch.float32).masked_fill(labels == IGNORE_INDEX, 0.0)
+    return torch.tensor(ex.input_ids, dtype=torch.long), labels, weight, torch.tensor(ex.turn, dtype=torch.long)
+
+
+def _empty(rows: int, width: int, pad_id: int) -> dict[str, torch.Tensor]:
+    return {
+        "input_ids": torch.full((rows, width), pad_id, dtype=torch.long),
+        "labels": torch.full((rows, width), IGNORE_INDEX, dtype=torch.long),
+        "weight": torch.zeros((rows, width), dtype=torch.float32),
+        "turn": torch.full((rows, width), NO_TURN, dtype=torch.long),
+        "position_ids": torch.zeros((rows, width), dtype=torch.long),
+    }
+
+
+def _round_up(n: int, multiple: int | None) -> int:
+    if multiple is None:
+        return n
+    if multiple < 1:
+        raise ConfigError(f"pad_to_multiple_of must be >= 1, got {multiple}")
+    return -(-n // multiple) * multiple
+
+
+def _put(t: dict[str, torch.Tensor], row: int, start: int, ex: Example) -> int:
+    ids, labels, weight, turn = _example_tensors(ex)
+    end = start + len(ids)
+    t["input_ids"][row, start:end] = ids
+    t["labels"][row, start:end] = labels
+    t["weight"][row, start:end] = weight
+    t["turn"][row, start:end] = turn
+    t["position_ids"][row, start:end] = torch.arange(len(ids))
+    return end
+
+
+def pad_batch(
+    examples: Sequence[Example], *, pad_id: int, side: Literal["right", "left"] = "right",
+    pad_to_multiple_of: int | None = None,
+) -> Batch:
+    """One example per row, padded to the longest (rounded up to ``pad_to_multiple_of``).
+
+    ``position_ids`` count real tokens from 0, so left padding does not shift positions.
+
+    >>> b = pad_batch([ex_of_len_3, ex_of_len_5], pad_id=0)   # doctest: +SKIP
+    >>> b.input_ids.shape                                       # doctest: +SKIP
+    torch.Size([2, 5])
+    """
+    if side not in ("right", "left"):
+        raise ConfigError(f"padding side must be 'right' or 'left', got {side!r}")
+    if not examples:
+        raise ConfigError("pad_batch: no examples")
+    width = _round_up(max(len(e) for e in examples), pad_to_multiple_of)
+    t = _empty(len(examples), width, pad_id)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, ex in enumerate(examples):
+        start = 0 if side == "right" else width - len(ex)
+        end = _put(t, row, start, ex)
+        mask[row, start:end] = 1
+    return Batch(attention_mask=mask, seq_lens=[[len(e)] for e in examples], **t)
+
+
+def pack(examples: Sequence[Example] | Sequence[int], max_length: int) -> list[list[int]]:
+    """Bin examples (or plain lengths) into rows of at most ``max_length`` tokens.
+
+    Best-fit decreasing: longest first, each into the fullest row that still has room (ties: the
+    earliest row), else a new row. Deterministic. Returns, per row, indices into ``examples`` in
+    the order they were placed. An example longer than ``max_length`` is a ``DataError`` (the
+    encoder's windows keep every sequence within ``max_length``).
+
+    >>> pack([7, 5, 4, 3, 2, 2, 1], 10)
+    [[0, 3], [1, 2, 6], [4, 5]]
+    """
+    lengths = [x if isinstance(x, int) else len(x) for x in examples]
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, row index), sorted: bisect finds the best fit
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        n = lengths[i]
+        if not 0 < n <= max_length:
+            src = "" if isinstance(examples[i], int) else examples[i].source
+            raise DataError(f"example {i} has {n} tokens; packing needs 1..max_length={max_length}",
+                            source=src, rule="length")
+        k = bisect.bisect_left(free, (n, -1))
+        if k == len(free):
+            rows.append([i])
+            room, row = max_length - n, len(rows) - 1
+        else:
+            room, row = free.pop(k)
+            rows[row].append(i)
+            room -= n
+        if room > 0:
+            bisect.insort(free, (room, row))
+    return rows
+
+
+def rows_batch(rows: Sequence[Sequence[Example]], *, pad_id: int, pad_to_multiple_of: int | None = None) -> Batch:
+    """A packed batch from explicit rows (each a list of whole examples), padded to the longest row.
+
+    Trailing pads form a segment of their own (positions restart at 0), so no real token can see
+    them and they see no real token.
+    """
+    if not rows or not all(rows):
+        raise ConfigError("rows_batch: every row needs at least one example")
+    used = [sum(len(e) for e in r) for r in rows]
+    width = _round_up(max(used), pad_to_multiple_of)
+    t = _empty(len(rows), width, pad_id)
+    for row, exs in enumerate(rows):
+        start = 0
+        for ex in exs:
+            start = _put(t, row, start, ex)
+        t["position_ids"][row, start:] = torch.arange(width - start)
+    return Batch(attention_mask=None, seq_lens=[[len(e) for e in r] for r in rows], **t)
+
+
+def pack_batch(examples: Sequence[Example], *, pad_id: int, max_length: int,
+               pad_to_multiple_of: int | None = None) -> Batch:
+    """``pack`` the examples into rows of at most ``max_length`` and collate them (``rows_batch``)."""
+    return rows_batch([[examples[i] for i in r] for r in pack(examples, max_length)],
+                      pad_id=pad_id, pad_to_multiple_of=pad_to_multiple_of)
+
+
+def _segments(batch: Batch) -> torch.Tensor:
+    """(rows, T) segment id per position: one per example, one per run of pads."""
+    seg = torch.empty_like(batch.input_ids)
+    width = seg.shape[1]
+    for row, lens in enumerate(batch.seq_lens):
+        if batch.attention_mask is None:
+            sizes = torch.tensor([*lens, width - sum(lens)])
+            ids = torch.repeat_interleave(torch.arange(len(sizes)), sizes)
+        else:  # padded row: pads before the example are segment 0, the example 1, pads after it 2
+            real = batch.attention_mask[row].bool().cpu()
+            ids = torch.full((width,), 2, dtype=torch.long)
+            ids[: int(real.nonzero()[0])] = 0
+            ids[real] = 1
+        seg[row] = ids
+    return seg
+
+
+def block_causal_mask(batch: Batch, dtype: torch.dtype) -> torch.Tensor:
+    """4-D additive mask (rows, 1, T, T): 0 where query may attend key, ``finfo(dtype).min`` elsewhere.
+
+    Causal within each example, nothing across examples. Use the model's dtype. Works whatever
+    the cache setting, at O(T^2) memory per row and without flash kernels.
+    """
+    seg = _segments(batch)
+    width = seg.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=seg.device).tril()
+    allowed = (seg[:, :, None] == seg[:, None, :]) & causal
+    zero = torch.zeros((), dtype=dtype, device=seg.device)
+    return torch.where(allowed, zero, torch.finfo(dtype).min)[:, None]
+
+
+def model_inputs(batch: Batch, *, block_mask_dtype: torch.dtype | None = None) -> dict[str, object]:
+    """Exactly the keyword arguments for the model (or its decoder) on this batch.
+
+    Always ``use_cache=False``: with a cache, transformers ignores packed ``position_ids`` and
+    attends across examples (module doc). With ``block_mask_dtype`` a packed batch gets the 4-D
+    float mask of ``block_causal_mask`` instead of relying on position_ids detection.
+    """
+    out: dict[str, object] = {"input_ids": batch.input_ids, "position_ids": batch.position_ids, "use_cache": False}
+    if batch.attention_mask is not None:
+        out["attention_mask"] = batch.attention_mask
+    elif block_mask_dtype is not None:
+        out["attention_mask"] = block_causal_mask(batch, block_mask_dtype)
+    return out
+
+
+# ---- samplers: which examples share a batch. Index lists only; every index exactly once. ----
+
+def _longest_first(batches: list[list[int]], lengths: Sequence[int]) -> list[list[int]]:
+    # The batch with the most padded tokens goes first: an out-of-memory error shows at step 1.
+    if batches:
+        k = max(range(len(batches)), key=lambda b: max(lengths[i] for i in batches[b]) * len(batches[b]))
+        batches.insert(0, batches.pop(k))
+    return batches
+
+
+def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int, *,
+                           mega_batch_mult: int = 50) -> list[list[int]]:
+    """Batches of ``batch_size`` similar lengths: shuffle, sort within mega-batches of
+    ``batch_size * mega_batch_mult``, cut, shuffle the batches (largest first). Same seed, same batches."""
+    if batch_size < 1 or mega_batch_mult < 1:
+        raise ConfigError(f"batch_size and mega_batch_mult must be >= 1, got {batch_size}, {mega_batch_mult}")
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    mega = batch_size * mega_batch_mult
+    batches: list[list[int]] = []
+    for s in range(0, len(order), mega):
+        chunk = sorted(order[s:s + mega], key=lambda i: -lengths[i])
+        batches += [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return _longest_first(batches, lengths)
+
+
+def token_budget_batches(lengths: Sequence[int], max_tokens: int, seed: int, *,
+                         mega_batch_size: int = 4096) -> list[list[int]]:
+    """Batches whose padded size (longest * count) stays within ``max_tokens``.
+
+    Shuffle, sort each mega-batch longest first, fill greedily, shuffle the batches (largest
+    first). An example longer than ``max_tokens`` gets a batch of its own rather than an error:
+    the budget is a memory target, sequence length is bounded by the encoder's ``max_length``.
+    """
+    if max_tokens < 1 or mega_batch_size < 1:
+        raise ConfigError(f"max_tokens and mega_batch_size must be >= 1, got {max_tokens}, {mega_batch_size}")
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    batches: list[list[int]] = []
+    for s in range(0, len(order), mega_batch_size):
+        current: list[int] = []
+        for i in sorted(order[s:s + mega_batch_size], key=lambda i: -lengths[i]):
+            if current and lengths[current[0]] * (len(current) + 1) > max_tokens:
+                batches.append(current)
+                current = []
+            current.append(i)
+        if current:
+            batches.append(current)
+    rng.shuffle(batches)
+    return _longest_first(batches, lengths)
+
+
+def packed_batches(lengths: Sequence[int], max_length: int, rows_per_batch: int, seed: int) -> list[list[list[int]]]:
+    """Pack the whole dataset (``pack``), shuffle the rows, group ``rows_per_batch`` rows per batch.
+
+    Returns per batch its rows of dataset indices; collate with
+    ``rows_batch([[data[i] for i in row] for row in batch], pad_id=...)``.
+    """
+    if rows_per_batch < 1:
+        raise ConfigError(f"rows_per_batch must be >= 1, got {rows_per_batch}")
+    rows = pack(list(lengths), max_length)
+    random.Random(seed).shuffle(rows)
+    return [rows[s:s + rows_per_batch] for s in range(0, len(rows), rows_per_batch)]

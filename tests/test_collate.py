@@ -1,0 +1,239 @@
+"""Batches: exact padding/packing layouts, packing that changes no token's loss, samplers."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import GlmConfig, GlmForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from turntune.collate import (
+    block_causal_mask, length_grouped_batches, model_inputs, pack, pack_batch, packed_batches, pad_batch,
+    rows_batch, token_budget_batches,
+)
+from turntune.constants import IGNORE_INDEX as IG
+from turntune.errors import ConfigError, DataError
+from turntune.example import Example
+from turntune.loss import per_token_losses
+
+VOCAB = 101
+
+
+def ex(ids: list[int], trained: list[int], w: float = 1.0) -> Example:
+    """Example whose positions in ``trained`` are targets (turn 0, weight ``w``)."""
+    lab = [t if i in trained else IG for i, t in enumerate(ids)]
+    return Example(ids, lab, [0 if i in trained else -1 for i in range(len(ids))],
+                   [w if i in trained else 0.0 for i in range(len(ids))], source=f"t:{ids[0]}")
+
+
+def random_example(rng: random.Random, n: int) -> Example:
+    """Context first, then alternating labelled/unlabelled spans with uneven weights."""
+    ids = [rng.randrange(1, VOCAB) for _ in range(n)]
+    trained = {i for i in range(1, n) if (i // 3) % 2 == 1 or rng.random() < 0.2}
+    e = ex(ids, sorted(trained))
+    e.weight = [rng.uniform(0.1, 2.0) if i in trained else 0.0 for i in range(n)]
+    return e
+
+
+def tiny_model(kind: str, impl: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=128, attn_implementation=impl)
+    if kind == "llama":
+        return LlamaForCausalLM(LlamaConfig(**common)).eval()
+    return GlmForCausalLM(GlmConfig(**common, head_dim=16, pad_token_id=0)).eval()
+
+
+def multi_turn_lengths(n: int, seed: int, max_length: int = 2048) -> list[int]:
+    """Lengths of encoded multi-turn chats: system + 1-8 rounds of user/assistant, capped by windows."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        total = 8 + int(rng.lognormvariate(3.0, 0.6))
+        for _ in range(min(8, 1 + int(rng.expovariate(0.45)))):
+            total += 6 + int(rng.lognormvariate(3.6, 0.9)) + int(rng.lognormvariate(5.0, 0.8))
+        out.append(min(total, max_length))
+    return out
+
+
+# ---- padding ----
+
+def test_pad_right_exact() -> None:
+    b = pad_batch([ex([5, 6, 7], [1, 2]), ex([8, 9, 10, 11, 12], [0, 4])], pad_id=0)
+    assert b.input_ids.tolist() == [[5, 6, 7, 0, 0], [8, 9, 10, 11, 12]]
+    assert b.labels.tolist() == [[IG, 6, 7, IG, IG], [IG, IG, IG, IG, 12]]  # first token never a target
+    assert b.weight.tolist() == [[0, 1, 1, 0, 0], [0, 0, 0, 0, 1]]
+    assert b.turn.tolist() == [[-1, 0, 0, -1, -1], [0, -1, -1, -1, 0]]
+    assert b.attention_mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+    assert b.position_ids.tolist() == [[0, 1, 2, 0, 0], [0, 1, 2, 3, 4]]
+    assert (b.n_real_tokens, b.n_trained, b.total_weight, b.n_examples, b.packed) == (8, 3, 3.0, 2, False)
+    assert model_inputs(b).keys() == {"input_ids", "attention_mask", "position_ids", "use_cache"}
+
+
+def test_pad_left_exact() -> None:
+    b = pad_batch([ex([5, 6, 7], [1, 2]), ex([8, 9, 10, 11, 12], [4])], pad_id=3, side="left")
+    assert b.input_ids.tolist() == [[3, 3, 5, 6, 7], [8, 9, 10, 11, 12]]
+    assert b.labels.tolist() == [[IG, IG, IG, 6, 7], [IG, IG, IG, IG, 12]]
+    assert b.attention_mask.tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]
+    assert b.position_ids.tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+
+
+@pytest.mark.parametrize("lens,multiple,width", [((5, 3), None, 5), ((5, 3), 4, 8), ((8, 4), 8, 8), ((9,), 8, 16)])
+def test_pad_to_multiple_of(lens: tuple[int, ...], multiple: int | None, width: int) -> None:
+    b = pad_batch([ex(list(range(1, n + 1)), [n - 1]) for n in lens], pad_id=0, pad_to_multiple_of=multiple)
+    assert b.input_ids.shape == (len(lens), width)
+    assert (b.labels[b.attention_mask == 0] == IG).all() and (b.weight[b.attention_mask == 0] == 0).all()
+    assert b.n_real_tokens == sum(lens)
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ConfigError, match="'middle'"):
+        pad_batch([ex([1, 2], [1])], pad_id=0, side="middle")  # type: ignore[arg-type]
+    with pytest.raises(DataError, match="lengths differ"):
+        pad_batch([Example([1, 2], [IG], [0, 0], [0.0, 0.0])], pad_id=0)
+
+
+def test_weight_zeroed_where_unlabelled() -> None:
+    e = Example([4, 5, 6], [4, IG, 6], [0, 0, 0], [2.0, 3.0, 0.5])  # weight on an ignored position
+    b = pad_batch([e], pad_id=0)
+    assert b.weight.tolist() == [[0.0, 0.0, 0.5]] and b.total_weight == 0.5
+
+
+# ---- packing ----
+
+def test_pack_best_fit_decreasing_exact() -> None:
+    # 7->new(3 left) 5->new(5) 4->row1(1) 3->row0(0) 2->new(8) 2->row2(6) 1->row1, the tightest fit
+    assert pack([7, 5, 4, 3, 2, 2, 1], 10) == [[0, 3], [1, 2, 6], [4, 5]]
+
+
+def test_pack_rejects_too_long() -> None:
+    with pytest.raises(DataError, match="t:1: example 1 has 4 tokens; packing needs 1..max_length=3"):
+        pack([ex([9, 9], [1]), ex([1, 2, 3, 4], [3])], 3)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 50), max_size=60), st.integers(50, 120))
+def test_pack_properties(lengths: list[int], max_length: int) -> None:
+    rows = pack(lengths, max_length)
+    assert sorted(i for r in rows for i in r) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in r) <= max_length for r in rows)
+    # best fit never opens a row while an item of the row could have gone into an earlier one
+    for k, r in enumerate(rows):
+        first = r[0]
+        for earlier in rows[:k]:
+            used_before = sum(lengths[i] for i in earlier if (-lengths[i], i) < (-lengths[first], first))
+            assert used_before + lengths[first] > max_length
+    assert pack(lengths, max_length) == rows
+
+
+def test_packing_fills_rows() -> None:
+    lengths = multi_turn_lengths(3000, seed=1)
+    rows = pack(lengths, 2048)
+    fill = sum(lengths) / (len(rows) * 2048)
+    assert fill >= 0.97, fill
+
+
+def test_pack_batch_layout() -> None:
+    a, b, c = ex([1, 2, 3], [1, 2]), ex([4, 5], [0, 1]), ex([6, 7, 8, 9], [2, 3])
+    batch = pack_batch([a, b, c], pad_id=0, max_length=6)  # rows: [c, b] and [a]
+    assert batch.seq_lens == [[4, 2], [3]] and batch.attention_mask is None and batch.packed
+    assert batch.input_ids.tolist() == [[6, 7, 8, 9, 4, 5], [1, 2, 3, 0, 0, 0]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 0, 1], [0, 1, 2, 0, 1, 2]]
+    # b's first token (4) was a target: it would be predicted from c's last token, so it is cleared
+    assert batch.labels.tolist() == [[IG, IG, 8, 9, IG, 5], [IG, 2, 3, IG, IG, IG]]
+    assert batch.weight.sum().item() == 5 == batch.n_trained
+    assert set(model_inputs(batch)) == {"input_ids", "position_ids", "use_cache"}
+    assert model_inputs(batch)["use_cache"] is False
+    mask = block_causal_mask(batch, torch.float32)[0, 0] == 0
+    assert mask.tolist()[4] == [False, False, False, False, True, False]  # b's 1st token sees only itself
+    assert mask.tolist()[3] == [True, True, True, True, False, False]
+
+
+@pytest.mark.parametrize("kind", ["llama", "glm"])
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_packed_and_padded_losses_equal_single(kind: str, impl: str) -> None:
+    model = tiny_model(kind, impl)
+    rng = random.Random(3)
+    exs = [random_example(rng, n) for n in (9, 17, 5, 12, 1, 20, 7)]
+    with torch.no_grad():
+        single = [per_token_losses(model, pad_batch([e], pad_id=0))[0] for e in exs]
+        layouts = {
+            "packed": pack_batch(exs, pad_id=0, max_length=24),
+            "right": pad_batch(exs, pad_id=0),
+            "left": pad_batch(exs, pad_id=0, side="left", pad_to_multiple_of=8),
+        }
+        for name, batch in layouts.items():
+            maps = {"": per_token_losses(model, batch)}
+            if batch.packed:
+                maps["4d"] = per_token_losses(model, batch, block_mask_dtype=torch.float32)
+            for variant, got in maps.items():
+                compared = 0
+                for row, lens in enumerate(batch.seq_lens):
+                    start = 0 if batch.packed or name == "right" else batch.input_ids.shape[1] - lens[0]
+                    for n in lens:
+                        i = next(k for k, e in enumerate(exs) if len(e) == n)
+                        torch.testing.assert_close(got[row, start:start + n], single[i], atol=1e-5, rtol=0,
+                                                   msg=f"{name}{variant} example {i}")
+                        compared += int((single[i] > 0).sum())
+                        start += n
+                assert compared == sum(e.n_trained - (e.labels[0] != IG) for e in exs)
+
+
+def test_packed_with_cache_attends_across_examples() -> None:
+    """Pins the transformers trap model_inputs avoids: with a cache, packing leaks attention."""
+    model = tiny_model("llama", "sdpa")
+    rng = random.Random(4)
+    a, b = random_example(rng, 10), random_example(rng, 10)
+    packed = pack_batch([a, b], pad_id=0, max_length=20)
+    with torch.no_grad():
+        alone = model(torch.tensor([b.input_ids])).logits[0]
+        safe = model(**model_inputs(packed)).logits[0, 10:]
+        leaky = model(**{**model_inputs(packed), "use_cache": True}).logits[0, 10:]
+    torch.testing.assert_close(safe, alone, atol=1e-5, rtol=0)
+    assert (leaky - alone).abs().max() > 1e-2
+
+
+def test_batch_to_keeps_everything() -> None:
+    b = pack_batch([ex([1, 2, 3], [2]), ex([4, 5], [1])], pad_id=0, max_length=8).to("cpu")
+    assert b.seq_lens == [[3, 2]] and b.position_ids.tolist() == [[0, 1, 2, 0, 1]] and b.attention_mask is None
+
+
+# ---- samplers ----
+
+LENGTHS = multi_turn_lengths(500, seed=7)
+
+
+def _padded_tokens(batches: list[list[int]], lengths: list[int]) -> int:
+    return sum(max(lengths[i] for i in b) * len(b) for b in batches)
+
+
+def test_length_grouped_deterministic_and_complete() -> None:
+    one = length_grouped_batches(LENGTHS, 8, seed=5, mega_batch_mult=10)
+    assert one == length_grouped_batches(LENGTHS, 8, seed=5, mega_batch_mult=10)
+    assert one != length_grouped_batches(LENGTHS, 8, seed=6, mega_batch_mult=10)
+    assert sorted(i for b in one for i in b) == list(range(len(LENGTHS)))
+    assert sum(len(b) != 8 for b in one) == 1  # 500 = 6 mega-batches of 80 + one of 20 -> one batch of 4
+    assert max(LENGTHS[i] for i in one[0]) == max(LENGTHS)  # largest batch first
+    file_order = [list(range(s, min(s + 8, 500))) for s in range(0, 500, 8)]
+    assert _padded_tokens(one, LENGTHS) < 0.75 * _padded_tokens(file_order, LENGTHS)
+
+
+def test_token_budget_deterministic_complete_bounded() -> None:
+    lengths = [*LENGTHS, 5000]  # one example above the budget: a batch of its own
+    one = token_budget_batches(lengths, 4096, seed=5)
+    assert one == token_budget_batches(lengths, 4096, seed=5) != token_budget_batches(lengths, 4096, seed=9)
+    assert sorted(i for b in one for i in b) == list(range(len(lengths)))
+    assert one[0] == [500]
+    assert all(max(lengths[i] for i in b) * len(b) <= 4096 for b in one[1:])
+
+
+def test_packed_batches_complete_and_collatable() -> None:
+    rng = random.Random(0)
+    data = [random_example(rng, rng.randint(2, 30)) for _ in range(40)]
+    batches = packed_batches([len(e) for e in data], 64, rows_per_batch=3, seed=1)
+    assert batches == packed_batches([len(e) for e in data], 64, rows_per_batch=3, seed=1)
+    assert sorted(i for b in batches for r in b for i in r) == list(range(40))
+    batch = rows_batch([[data[i] for i in r] for r in batches[0]], pad_id=0)
+    assert batch.input_ids.shape[0] == len(batches[0]) and batch.input_ids.shape[1] <= 64
