@@ -1,0 +1,5 @@
+import sys
+
+from turntune.cli import main
+
+sys.exit(main())

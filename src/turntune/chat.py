@@ -1,0 +1,64 @@
+"""Talk to a model turn by turn with the same template it was trained with."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from turntune.conversation import Conversation, Message
+
+
+def load_for_chat(model_dir: str | Path, adapter: str | Path | None = None, *, trust_remote_code: bool = False):
+    """A model folder (or a trained run's ``final`` adapter folder with its base) ready to generate."""
+    from turntune.models import load_model, load_tokenizer, resolve_path
+
+    path = resolve_path(str(model_dir))
+    base = path
+    meta = path / "adapter_config.json"
+    if adapter is None and meta.is_file():  # a LoRA result folder: find its base model
+        import json
+
+        adapter = path
+        base = resolve_path(json.loads((path / "turntune.json").read_text())["base_model"]) \
+            if (path / "turntune.json").is_file() else resolve_path(json.loads(meta.read_text())["base_model_name_or_path"])
+    tokenizer = load_tokenizer(path if (path / "tokenizer_config.json").is_file() else base)
+    model = load_model(base, trust_remote_code=trust_remote_code)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))
+    model.eval()
+    return model, tokenizer
+
+
+@torch.no_grad()
+def reply(model, template, conversation: Conversation, *, max_new_tokens: int = 128) -> str:
+    """Greedy reply to the conversation so far; stops on the template's stop tokens."""
+    ids = torch.tensor([template.generation_prompt(conversation)])
+    stops = template.stop_ids()
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                         do_sample=False, eos_token_id=stops, pad_token_id=stops[0], use_cache=True)
+    new = out[0, ids.shape[1]:].tolist()
+    while new and new[-1] in stops:
+        new.pop()
+    return template.tokenizer.decode(new, skip_special_tokens=True).strip()
+
+
+def chat_loop(model, template, *, system: str | None = None, inputs=None, echo=print) -> list[Message]:
+    """Read user lines (``inputs`` or stdin) and print replies until EOF or /exit."""
+    msgs: list[Message] = [Message("system", system)] if system else []
+    lines = iter(inputs) if inputs is not None else None
+    while True:
+        try:
+            text = next(lines) if lines is not None else input("you> ")
+        except (EOFError, StopIteration):
+            break
+        if text.strip() in ("/exit", "/quit"):
+            break
+        if lines is not None:
+            echo(f"you> {text}")
+        msgs.append(Message("user", text))
+        answer = reply(model, template, Conversation(tuple(msgs)))
+        echo(f"assistant> {answer}")
+        msgs.append(Message("assistant", answer))
+    return msgs

@@ -1,0 +1,206 @@
+"""The command line. The only place that turns exceptions into exit codes.
+
+    turntune validate DATA                 check records, report by rule (exit 1 if invalid)
+    turntune encode DATA --model PATH      what encoding does to the data
+    turntune train CONFIG [--s.k=v ...]    fine-tune (also under torchrun: python -m turntune train)
+    turntune eval MODEL DATA               loss per turn and kind of reply
+    turntune inspect / audit DATA          which tokens are trained
+    turntune chat MODEL                    talk to a model
+    turntune merge BASE ADAPTER OUT        fold a LoRA adapter into a standalone model
+    turntune demo                          the built-in default: LoRA on SmolLM2 + the example data
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from turntune.errors import TurntuneError
+
+EXIT_INVALID, EXIT_ERROR = 1, 2
+
+
+def _validate(a) -> int:
+    from turntune.data import load_conversations
+
+    res = load_conversations(a.data, format=a.format, on_invalid="skip")
+    print(res.report.summary())
+    return EXIT_INVALID if res.report.n_skipped else 0
+
+
+def _encoder(a):
+    from turntune.encode import EncodeOptions, resolve_template
+    from turntune.models import load_tokenizer
+
+    tok = load_tokenizer(a.model)
+    tmpl = resolve_template(tok, a.template)
+    return tok, tmpl, EncodeOptions(a.strategy, a.weighting, a.max_length)
+
+
+def _encode(a) -> int:
+    from turntune.data import load_conversations
+    from turntune.encode import EncodeReport, encode_conversations
+
+    res = load_conversations(a.data, format=a.format, on_invalid=a.on_invalid)
+    print(res.report.summary())
+    _, tmpl, opts = _encoder(a)
+    rep = EncodeReport()
+    encode_conversations(res.conversations, tmpl, opts, report=rep)
+    print(f"template {tmpl.name}, strategy {opts.strategy}, weighting {opts.weighting}, max_length {opts.max_length}")
+    print(rep.summary())
+    return 0 if rep.examples else EXIT_INVALID
+
+
+def _train(a, overrides: list[str]) -> int:
+    from turntune.config import load_config
+    from turntune.train import train
+
+    cfg = load_config(a.config, overrides)
+    train(cfg, resume=a.resume)
+    return 0
+
+
+def _eval(a) -> int:
+    from turntune.chat import load_for_chat
+    from turntune.data import load_conversations
+    from turntune.encode import EncodeOptions, encode_conversations, resolve_template
+    from turntune.evaluate import evaluate, turn_kinds
+
+    res = load_conversations(a.data, format=a.format, on_invalid=a.on_invalid)
+    results = []
+    for path, adapter in [(a.model, a.adapter)] + ([(a.compare, None)] if a.compare else []):
+        model, tok = load_for_chat(path, adapter)
+        tmpl = resolve_template(tok, a.template)
+        exs = encode_conversations(res.conversations, tmpl, EncodeOptions("all", "token", a.max_length))
+        results.append(evaluate(model, exs, pad_id=tok.pad_token_id, max_length=a.max_length,
+                                kinds=turn_kinds(res.conversations)))
+    names = (Path(a.model).name or a.model, Path(a.compare).name if a.compare else "")
+    print(results[0].table(results[1] if len(results) > 1 else None, names))
+    if a.json:
+        Path(a.json).write_text(json.dumps({n: r.to_dict() for n, r in zip(names, results)}, indent=2))
+    return 0
+
+
+def _chat(a) -> int:
+    from turntune.chat import chat_loop, load_for_chat
+    from turntune.encode import resolve_template
+
+    model, tok = load_for_chat(a.model, a.adapter)
+    chat_loop(model, resolve_template(tok, a.template), system=a.system)
+    return 0
+
+
+def _merge(a) -> int:
+    from turntune.models import merge_adapter
+
+    print(f"merged into {merge_adapter(a.base, a.adapter, a.out)}")
+    return 0
+
+
+def _demo(a) -> int:
+    """The built-in default run: prints held-out loss before/after and a short chat."""
+    from turntune.chat import chat_loop, load_for_chat
+    from turntune.config import load_config
+    from turntune.encode import resolve_template
+    from turntune.train import train
+
+    cfg = load_config(a.config, a.overrides)
+    res = train(cfg, resume=False)
+    if res.eval_before and res.eval_after:
+        drop = res.eval_before.loss - res.eval_after.loss
+        print(f"\nheld-out loss on assistant tokens: {res.eval_before.loss:.4f} -> {res.eval_after.loss:.4f}"
+              f" ({drop / res.eval_before.loss:.1%} lower)")
+        print(res.eval_after.table(res.eval_before, ("after", "before")))
+    model, tok = load_for_chat(res.final_dir)
+    print("\na short chat with the tuned model:")
+    chat_loop(model, resolve_template(tok, cfg.data.template), system="You are Tutu, a concise and friendly assistant.",
+              inputs=["How many grams are in 3 kilograms?", "And how many in half a kilogram?"])
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="turntune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def data_args(s):
+        s.add_argument("--format", default="auto", choices=["auto", "openai", "glm4", "sharegpt"])
+        s.add_argument("--on-invalid", default="error", choices=["error", "skip"])
+
+    def enc_args(s):
+        s.add_argument("--template", default="auto", choices=["auto", "glm4", "hf"])
+        s.add_argument("--strategy", default="all", choices=["all", "expand", "last", "full"])
+        s.add_argument("--weighting", default="token", choices=["token", "turn", "sample"])
+        s.add_argument("--max-length", type=int, default=2048)
+
+    s = sub.add_parser("validate", help="check a data file; report invalid records by rule")
+    s.add_argument("data")
+    s.add_argument("--format", default="auto", choices=["auto", "openai", "glm4", "sharegpt"])
+    s = sub.add_parser("encode", help="encode a data file and report what was trained, dropped, cut")
+    s.add_argument("data")
+    s.add_argument("--model", default="builtin:smollm2")
+    data_args(s)
+    enc_args(s)
+    s = sub.add_parser("train", help="fine-tune; extra --section.key=value arguments override the config")
+    s.add_argument("config", nargs="?")
+    s.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+    s = sub.add_parser("eval", help="loss on assistant tokens per turn and kind of reply")
+    s.add_argument("model")
+    s.add_argument("data")
+    s.add_argument("--adapter")
+    s.add_argument("--compare", help="a second model to put side by side")
+    s.add_argument("--json")
+    s.add_argument("--template", default="auto", choices=["auto", "glm4", "hf"])
+    s.add_argument("--max-length", type=int, default=2048)
+    data_args(s)
+    s = sub.add_parser("chat", help="talk to a model (or a trained run's final folder)")
+    s.add_argument("model")
+    s.add_argument("--adapter")
+    s.add_argument("--system")
+    s.add_argument("--template", default="auto", choices=["auto", "glm4", "hf"])
+    s = sub.add_parser("merge", help="fold a LoRA adapter into its base model")
+    s.add_argument("base")
+    s.add_argument("adapter")
+    s.add_argument("out")
+    s = sub.add_parser("demo", help="the built-in default run (LoRA on SmolLM2-135M-Instruct, example data)")
+    s.add_argument("--config", default=None)
+    try:
+        from turntune import inspect_cmd
+
+        inspect_cmd.add_parsers(sub)
+    except ImportError:
+        pass
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched from a hub
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args, extra = build_parser().parse_known_args(argv)
+    overrides = [e for e in extra if e.startswith("--") and "." in e.split("=")[0]]
+    unknown = [e for e in extra if e not in overrides]
+    if unknown or (overrides and args.cmd not in ("train", "demo")):
+        print(f"turntune: error: unrecognized arguments: {' '.join(unknown or overrides)}", file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        if args.cmd == "train":
+            return _train(args, overrides)
+        if args.cmd == "demo":
+            args.overrides = overrides
+            return _demo(args)
+        handler = {"validate": _validate, "encode": _encode, "eval": _eval, "chat": _chat, "merge": _merge}.get(args.cmd)
+        if handler is None:
+            return args.run(args)
+        return handler(args)
+    except TurntuneError as e:
+        print(f"turntune: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("turntune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,350 @@
+"""The training loop, written out in one place: setup, step, accumulate, clip, schedule,
+evaluate, checkpoint, log. One process or many (``torchrun``); the same loss either way.
+
+Data order is a pure function of (seed, epoch): epoch e's micro-batches come from packing (or
+length-grouping) with seed ``seed + e``, and rank r takes every world-th of them. So the position
+in the data is just the step number, and ``--resume`` continues exactly where a run stopped.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from turntune.collate import Batch, pad_batch, packed_batches, rows_batch, token_budget_batches
+from turntune.config import Config
+from turntune.data import load_conversations
+from turntune.encode import EncodeOptions, EncodeReport, encode_conversations, resolve_template
+from turntune.errors import ConfigError, TurntuneError
+from turntune.evaluate import EvalResult, evaluate, turn_kinds
+from turntune.loss import backward_loss, batch_loss, window_weight
+from turntune import checkpoint as ckpt
+from turntune.models import add_lora, load_model, load_tokenizer, resolve_path
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed() -> Dist:
+    """Initialise torch.distributed when launched by torchrun (gloo on CPU, nccl on GPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        device, backend = torch.device("cuda", local), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    return Dist(dist.get_rank(), dist.get_world_size(), local, device)
+
+
+class Log:
+    """Rank 0 prints; every line also goes to metrics.jsonl when it is a record."""
+
+    def __init__(self, d: Dist, out: Path | None) -> None:
+        self.d = d
+        self.metrics = open(out / "metrics.jsonl", "a", encoding="utf-8") if (out and d.main) else None
+
+    def __call__(self, *parts: object) -> None:
+        if self.d.main:
+            print(*parts, flush=True)
+
+    def record(self, **rec: object) -> None:
+        if self.metrics:
+            self.metrics.write(json.dumps(rec) + "\n")
+            self.metrics.flush()
+
+
+def lr_factor(step: int, cfg: Config, total: int) -> float:
+    """Warmup linearly, then cosine / linear decay to ``min_lr_ratio``, or stay constant."""
+    t = cfg.train
+    if step < t.warmup_steps:
+        return (step + 1) / t.warmup_steps
+    if t.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - t.warmup_steps) / max(1, total - t.warmup_steps))
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if t.schedule == "cosine" else 1 - progress
+    return t.min_lr_ratio + (1 - t.min_lr_ratio) * shape
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only: norms and biases (1-D parameters) get no weight decay."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def use_autocast(cfg: Config, device: torch.device) -> bool:
+    if cfg.train.autocast == "off":
+        return False
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return True  # CPU: bf16 autocast roughly doubles speed here
+
+
+class MicroBatches:
+    """The run's micro-batches, addressed by a global index (so resuming needs only the step)."""
+
+    def __init__(self, examples, cfg: Config, d: Dist, pad_id: int) -> None:
+        self.examples, self.cfg, self.d, self.pad_id = examples, cfg, d, pad_id
+        self.lengths = [len(e) for e in examples]
+        self._epoch, self._plan = -1, []
+        self.per_epoch = len(self._make(0)) // d.world
+        if self.per_epoch == 0:
+            raise TurntuneError(f"the training data gives fewer micro-batches ({len(self._make(0))}) than ranks "
+                                f"({d.world}); use less train.micro_batch_tokens or more data")
+
+    def _make(self, epoch: int) -> list:
+        c, seed = self.cfg, self.cfg.train.seed + epoch
+        if c.data.packing:
+            rows = max(1, c.train.micro_batch_tokens // c.data.max_length)
+            return packed_batches(self.lengths, c.data.max_length, rows, seed)
+        return token_budget_batches(self.lengths, c.train.micro_batch_tokens, seed)
+
+    def get(self, g: int) -> Batch:
+        epoch, i = divmod(g, self.per_epoch)
+        if epoch != self._epoch:
+            self._epoch, self._plan = epoch, self._make(epoch)
+        item = self._plan[i * self.d.world + self.d.rank]
+        if self.cfg.data.packing:
+            return rows_batch([[self.examples[j] for j in row] for row in item], pad_id=self.pad_id)
+        return pad_batch([self.examples[j] for j in item], pad_id=self.pad_id)
+
+
+def _encode_split(path, cfg: Config, template, log: Log, what: str, options: EncodeOptions):
+    loaded = load_conversations(path, format=cfg.data.format, on_invalid=cfg.data.on_invalid)
+    log(f"{what}: {loaded.report.summary()}")
+    rep = EncodeReport()
+    examples = encode_conversations(loaded.conversations, template, options, report=rep)
+    log(f"{what} encoding ({options.strategy}, {options.weighting}, max_length {options.max_length}):")
+    log("  " + rep.summary().replace("\n", "\n  "))
+    if not examples:
+        raise TurntuneError(f"{path}: no example has a trained token (see the report above); nothing to train on")
+    return loaded.conversations, examples, rep
+
+
+def check_output_dir(out: Path, need_gb: float = 1.0) -> None:
+    """Fail before training, not after an hour, when the output folder cannot take checkpoints."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_bytes(b"x")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"train.output_dir: cannot write to {out}: {e.strerror or e}") from None
+    free = shutil.disk_usage(out).free / 2**30
+    if free < need_gb:
+        raise ConfigError(f"train.output_dir: only {free:.2f} GiB free on the disk of {out}; "
+                          f"checkpoints need about {need_gb:.1f} GiB")
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    final_dir: Path
+    steps: int
+    eval_before: EvalResult | None
+    eval_after: EvalResult | None
+    skipped_steps: int
+
+
+def train(cfg: Config, *, resume: bool = False) -> TrainResult:
+    """Run the configured training. See the module docstring for the data-order contract."""
+    d = setup_distributed()
+    out = Path(cfg.train.output_dir)
+    if d.main:
+        check_output_dir(out, need_gb=0.2 if cfg.train.method == "lora" else 2.0)
+        if not resume and ckpt.latest(out) is not None:
+            raise ConfigError(f"train.output_dir: {out} already holds checkpoints; pass --resume to continue "
+                              "that run, or choose another output_dir")
+        (out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+    log = Log(d, out)
+    log("resolved config:\n  " + cfg.to_yaml().rstrip().replace("\n", "\n  "))
+    torch.manual_seed(cfg.train.seed)
+    random.seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed)
+
+    # -- data ----------------------------------------------------------------------------------
+    model_dir = resolve_path(cfg.model.path)
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=cfg.model.trust_remote_code)
+    chat_template = Path(cfg.data.chat_template).read_text(encoding="utf-8") if cfg.data.chat_template else None
+    template = resolve_template(tokenizer, cfg.data.template, chat_template)
+    log(f"template: {template.name}")
+    opts = EncodeOptions(cfg.data.strategy, cfg.data.weighting, cfg.data.max_length,
+                         cfg.data.cut_long_replies, cfg.data.history_fraction)
+    _, train_ex, _ = _encode_split(cfg.data.train, cfg, template, log, "train", opts)
+    eval_ex, kinds = [], {}
+    if cfg.data.eval:
+        eval_opts = EncodeOptions("all", "token", cfg.data.max_length, cfg.data.cut_long_replies,
+                                  cfg.data.history_fraction)
+        eval_convs, eval_ex, _ = _encode_split(cfg.data.eval, cfg, template, log, "eval", eval_opts)
+        kinds = turn_kinds(eval_convs)
+
+    # -- model ---------------------------------------------------------------------------------
+    model = load_model(model_dir, dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation,
+                       trust_remote_code=cfg.model.trust_remote_code)
+    if cfg.train.method == "lora":
+        l = cfg.lora
+        model = add_lora(model, l.r, l.alpha, l.dropout, l.target_modules)
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.train.method == "lora":
+            model.enable_input_require_grads()
+    model.to(d.device)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_train = sum(p.numel() for p in trainable)
+    n_all = sum(p.numel() for p in model.parameters())
+    log(f"model: {type(model).__name__} from {model_dir}; trainable {n_train:,} of {n_all:,} parameters")
+    if d.world > 1:  # identical starting weights on every rank (LoRA init draws random numbers)
+        for p in trainable:
+            dist.broadcast(p.data, 0)
+
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
+                                  betas=(0.9, 0.95), eps=1e-8)
+    pad_id = tokenizer.pad_token_id
+    data = MicroBatches(train_ex, cfg, d, pad_id)
+    accum = cfg.train.grad_accum
+    steps_per_epoch = max(1, data.per_epoch // accum)
+    total = cfg.train.max_steps or math.ceil(cfg.train.epochs * steps_per_epoch)
+    if total <= 0:
+        raise ConfigError("train.max_steps and train.epochs are both 0: set one of them")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, total))
+    amp = use_autocast(cfg, d.device)
+
+    start = 0
+    if resume:
+        state = ckpt.load(out, model, optimizer, scheduler)
+        start = state["step"]
+        log(f"resumed from step {start} ({ckpt.latest(out)})")
+    log(f"training: {total} steps, {steps_per_epoch} per epoch, {accum} micro-batches per step, "
+        f"{d.world} rank(s), bf16 autocast {'on' if amp else 'off'}")
+
+    def run_eval(tag: str) -> EvalResult | None:
+        if not eval_ex:
+            return None
+        t0 = time.time()
+        r = evaluate(model, eval_ex, pad_id=pad_id, max_length=cfg.data.max_length, kinds=kinds,
+                     autocast=amp, device=d.device)
+        log(f"eval {tag}: loss {r.loss:.4f}  ppl {r.perplexity:.2f}  ({r.tokens} reply tokens, {time.time() - t0:.0f}s)")
+        log.record(kind="eval", step=step, **r.to_dict())
+        return r
+
+    step = start
+    eval_before = run_eval("before training") if start == 0 else None
+    skipped, history = 0, []
+    bar = None
+    if d.main and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    t_start = time.time()
+    while step < total:
+        t0 = time.time()
+        window = [data.get(step * accum + j).to(d.device) for j in range(accum)]
+        denom = window_weight(window, device=d.device)  # whole window, all ranks (DESIGN.md §5)
+        loss_num = torch.zeros((), dtype=torch.float64, device=d.device)
+        finite = True
+        for batch in window:
+            with torch.autocast(device_type=d.device.type, dtype=torch.bfloat16, enabled=amp):
+                ls = batch_loss(model, batch)
+            if not torch.isfinite(ls.weighted_sum):
+                finite = False
+                break
+            backward_loss(ls, denom).backward()
+            loss_num += ls.weighted_sum.detach().double()
+        if d.world > 1:  # average gradients (backward_loss scaled them by world size) and the loss
+            flag = torch.tensor([0.0 if finite else 1.0], device=d.device)
+            dist.all_reduce(flag)
+            finite = finite and flag.item() == 0
+            for p in trainable:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad)
+                p.grad /= d.world
+            dist.all_reduce(loss_num)
+        gnorm = torch.nn.utils.clip_grad_norm_(trainable, cfg.train.max_grad_norm or float("inf"))
+        if not finite or not torch.isfinite(gnorm):
+            where = f"step {step + 1}, micro-batches {step * accum}..{step * accum + accum - 1}"
+            if cfg.train.nonfinite == "stop":
+                raise TurntuneError(f"non-finite {'loss' if not finite else 'gradient'} at {where}; "
+                                    "lower train.lr, check the data, or set train.nonfinite=skip")
+            skipped += 1
+            optimizer.zero_grad(set_to_none=True)
+            log(f"skipped {where}: non-finite {'loss' if not finite else 'gradient'} ({skipped} so far)")
+            scheduler.step()
+            step += 1
+            continue
+        optimizer.step()
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        loss = float(loss_num / denom.clamp_min(1e-30))
+        dt = time.time() - t0
+        real = sum(b.n_real_tokens for b in window) * d.world
+        trained = sum(b.n_trained for b in window) * d.world
+        rec = dict(kind="train", step=step, loss=loss, lr=lr, grad_norm=float(gnorm), tokens_per_s=real / dt,
+                   trained_tokens_per_s=trained / dt, memory_gb=memory_gb(d.device), epoch=(step * accum) / max(1, data.per_epoch))
+        history.append(rec)
+        log.record(**rec)
+        if step % cfg.train.log_every == 0 or step == total:
+            line = (f"step {step}/{total} | loss {loss:.4f} | lr {lr:.2e} | gnorm {float(gnorm):.2f} | "
+                    f"tok/s {real / dt:,.0f} | trained tok/s {trained / dt:,.0f} | mem {rec['memory_gb']:.2f} GB")
+            if bar is not None:
+                bar.write(line)
+            else:
+                log(line)
+        if bar is not None:
+            bar.update(1)
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total:
+            run_eval(f"at step {step}")
+        if cfg.train.save_every and step % cfg.train.save_every == 0 and step < total:
+            ckpt.save(out, step, model, optimizer, scheduler, keep_last=cfg.train.keep_last, d=d)
+    if bar is not None:
+        bar.close()
+    log(f"trained {step - start} steps in {time.time() - t_start:.0f}s; skipped non-finite steps: {skipped}")
+    eval_after = run_eval("after training")
+    ckpt.save(out, step, model, optimizer, scheduler, keep_last=cfg.train.keep_last, d=d)
+    final = out / "final"
+    if d.main:
+        ckpt.save_final(final, model, tokenizer, cfg)
+        from turntune.plot import plot_losses
+
+        png = plot_losses(out / "metrics.jsonl", out / "loss.png")
+        log(f"saved {final} and {png}")
+    if d.world > 1:
+        dist.barrier()
+    return TrainResult(out, final, step, eval_before, eval_after, skipped)
