@@ -157,6 +157,7 @@ def conversion(rng: random.Random, pools: dict) -> list[Round]:
     src, dst, factor = rng.choice(UNITS)
     v = rng.choice([rng.randint(1, 120), rng.randint(2, 40) * 5])
     r = (v * 9 / 5 + 32 if src == "C" else (v - 32) * 5 / 9) if factor is None else v * factor
+    r = round(r, 1)  # the follow-up doubles the number the user saw
     unit = (lambda u: f"degrees {u}") if factor is None else (lambda u: u)
     ask = rng.choice(["How many {d} is {v} {s}?", "Convert {v} {s} to {d}.", "What is {v} {s} in {d}?"])
     rounds = [_pair(ask.format(v=v, s=unit(src), d=unit(dst)), f"{v} {unit(src)} in {unit(dst)}",
@@ -179,7 +180,8 @@ def arithmetic(rng: random.Random, pools: dict) -> list[Round]:
         word = {"+": "plus", "-": "minus", "*": "times"}[op]
         rounds = [_pair(f"What is {a} {op} {b}?", f"{a} {word} {b}", f"the result is {_num(x)}.")]
     for _ in range(rng.choice([0, 0, 1, 2])):  # follow-ups that need the previous answer
-        kind = rng.choice(["double", "add", "half"])
+        even = x == int(x) and int(x) % 2 == 0  # halve only where the answer stays whole
+        kind = rng.choice(["double", "add", "half"] if even else ["double", "add"])
         if kind == "double":
             rounds.append(_pair("Now double it.", f"Double {_num(x)}", f"that is {_num(2 * x)}."))
             x = 2 * x
@@ -188,8 +190,8 @@ def arithmetic(rng: random.Random, pools: dict) -> list[Round]:
             rounds.append(_pair(f"Add {n} to that.", f"{_num(x)} plus {n}", f"that makes {_num(x + n)}."))
             x = x + n
         else:
-            rounds.append(_pair("What is half of that?", f"Half of {_num(x)}", f"it is {_num(x / 2)}."))
-            x = x / 2
+            rounds.append(_pair("What is half of that?", f"Half of {_num(x)}", f"it is {_num(x // 2)}."))
+            x = x // 2
     return rounds
 
 

@@ -98,27 +98,30 @@ def test_format_override():
     assert detect_format(plain) == "openai"
     assert parse_record(plain, format="glm4") == parse_record(plain, format="openai")
     assert str(error_of({"conversations": []}, format="openai")) == (
-        'd.jsonl:17: not a openai record: expected a list under "messages" (set the format to auto or fix the record)')
+        'd.jsonl:17: expected a list under "messages" for the openai format (set the format to auto or fix the record)')
     with pytest.raises(ConfigError, match="format='chatml' is not one of auto, openai, glm4, sharegpt"):
         parse_record(plain, format="chatml")  # type: ignore[arg-type]
 
 
 # ---- every rule, minimal record, exact message ----------------------------------------------
 
-CALL = {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{}"}}]}
+CALL = {"role": "assistant", "content": "",
+        "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{}"}}]}
 RULE_CASES = [
     ("unknown_format", {"foo": 1},
      'd.jsonl:17: not a conversation (expected {"messages": [...]}, {"conversations": [...]} or a list of messages)'),
-    ("unknown_format", {"messages": [u("q"), "a"]}, "d.jsonl:17: turn 2: message is a str, not an object"),
+    ("unknown_format", {"messages": [u("q"), "a"]}, "d.jsonl:17: turn 2: message is a string, not an object"),
     ("unknown_role", {"messages": [u("q"), {"role": "bot", "content": "r"}]},
      "d.jsonl:17: turn 2: unknown role 'bot' (the openai format knows system, user, assistant, tool)"),
+    ("unknown_role", {"messages": [{"role": ["user"], "content": "q"}, a("r")]},
+     "d.jsonl:17: turn 1: unknown role ['user'] (the openai format knows system, user, assistant, tool)"),
     ("unknown_role", {"conversations": [{"from": "user", "value": "q"}]},
      "d.jsonl:17: turn 1: unknown role 'user' (the sharegpt format knows system, human, gpt, function_call, "
      "observation)"),
     ("content_not_string", {"messages": [{"role": "user", "content": [{"type": "text", "text": "q"}]}, a("r")]},
      "d.jsonl:17: turn 1: content is a list, not a string (make it one string; join text parts)"),
     ("content_not_string", {"messages": [u("q"), {"role": "assistant", "content": None}]},
-     "d.jsonl:17: turn 2: content is missing, not a string (make it one string; join text parts)"),
+     "d.jsonl:17: turn 2: content is null or missing, not a string (make it one string; join text parts)"),
     ("system_not_first", {"messages": [u("q"), {"role": "system", "content": "s"}, a("r")]},
      "d.jsonl:17: turn 2: system message after the start "
      "(move it to the start or merge it into the first system message)"),
@@ -239,7 +242,8 @@ def test_broken_json_document_raises_even_when_skipping():
 def test_missing_file_and_bad_settings():
     with pytest.raises(DataError) as info:
         load_conversations(DATA / "nope.jsonl")
-    assert (info.value.rule, str(info.value)) == ("missing_file", f"{DATA / 'nope.jsonl'}: no such file (check the path)")
+    assert (info.value.rule, str(info.value)) == (
+        "missing_file", f"{DATA / 'nope.jsonl'}: no such file (check the path)")
     with pytest.raises(ConfigError, match="on_invalid='drop' is not one of error, skip"):
         load_conversations(DATA / "bom.jsonl", on_invalid="drop")  # type: ignore[arg-type]
 
@@ -313,3 +317,12 @@ def test_example_data_is_valid_held_out_and_up_to_date():
         return {q for c in res.conversations for q in make_data._questions({"messages": c.to_hf()})}
     assert not questions(train) & questions(evals)
     assert make_data.main(["--check"]) == 0  # regenerating gives the committed files byte for byte
+
+
+def test_example_data_is_short_enough_for_cpu_training(smollm2_tokenizer):
+    """Average 150-400 SmolLM2 tokens per conversation (chat template included), none over 512."""
+    for split in ("train", "eval"):
+        convs = load_conversations(EXAMPLES / "data" / f"{split}.jsonl").conversations
+        lengths = [len(smollm2_tokenizer.apply_chat_template(c.to_hf(), tokenize=True)["input_ids"]) for c in convs]
+        assert 150 <= sum(lengths) / len(lengths) <= 400, split
+        assert max(lengths) <= 512, split

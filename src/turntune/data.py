@@ -109,10 +109,7 @@ def load_conversations(path: str | Path, *, format: Format = "auto",
 
     ``on_invalid="error"`` raises the first DataError; ``"skip"`` drops bad records and counts
     them per rule in ``report``. A ``.json`` file that does not parse raises in both modes (there
-    is no record to skip to).
-
-    >>> res = load_conversations("examples/data/train.jsonl")  # doctest: +SKIP
-    >>> print(res.report.summary())  # doctest: +SKIP
+    is no record to skip to). Example: ``print(load_conversations("train.jsonl").report.summary())``.
     """
     _check_choice("format", format, FORMATS)
     _check_choice("on_invalid", on_invalid, ("error", "skip"))
@@ -194,7 +191,7 @@ def _records(path: Path, name: str) -> Iterator[tuple[str, Any]]:
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                yield source, DataError(f"invalid UTF-8 at byte {e.start} of the line "
+                yield source, DataError(f"invalid UTF-8 at byte offset {e.start} of the line "
                                         "(re-save the file as UTF-8)", source=source, rule="bad_utf8")
                 continue
             if not text.strip():
@@ -212,7 +209,7 @@ def _json_records(path: Path, name: str) -> Iterator[tuple[str, Any]]:
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise DataError(f"invalid UTF-8 at byte {e.start} (re-save the file as UTF-8)",
+        raise DataError(f"invalid UTF-8 at byte offset {e.start} (re-save the file as UTF-8)",
                         source=name, rule="bad_utf8") from None
     try:
         doc = json.loads(text)
@@ -246,26 +243,40 @@ def _messages(obj: Any, key: str, fmt: str, source: str) -> list:
     msgs = obj if (fmt == "glm4" and isinstance(obj, list)) else (
         obj.get(key) if isinstance(obj, dict) else None)
     if not isinstance(msgs, list):
-        raise DataError(f'not a {fmt} record: expected a list under "{key}"'
-                        " (set the format to auto or fix the record)", source=source, rule="unknown_format")
+        raise DataError(f'expected a list under "{key}" for the {fmt} format (set the format to auto '
+                        "or fix the record)", source=source, rule="unknown_format")
     return msgs
 
 
 def _role(m: Any, key: str, fmt: str, source: str, turn: int) -> str:
     if not isinstance(m, dict):
-        raise DataError(f"message is a {type(m).__name__}, not an object", source=source, turn=turn,
+        raise DataError(f"message is {_kind(m)}, not an object", source=source, turn=turn,
                         rule="unknown_format")
-    known = _ROLES[fmt]
-    if m.get(key) not in known:
-        raise DataError(f"unknown role {m.get(key)!r} (the {fmt} format knows {', '.join(known)})",
+    known, role = _ROLES[fmt], m.get(key)
+    if not isinstance(role, str) or role not in known:  # (a list or dict role is not hashable)
+        raise DataError(f"unknown role {role!r} (the {fmt} format knows {', '.join(known)})",
                         source=source, turn=turn, rule="unknown_role")
-    return m[key]
+    return role
+
+
+def _loads(text: str) -> Any:
+    """Parsed JSON, or None where the text is not JSON (the caller names the rule)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None
+
+
+def _kind(value: Any) -> str:
+    """A JSON user's name for a value's type."""
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
+             float: "a number", type(None): "null or missing"}
+    return names.get(type(value), type(value).__name__)
 
 
 def _text(value: Any, source: str, turn: int | None, what: str = "content") -> str:
     if not isinstance(value, str):
-        kind = "missing" if value is None else f"a {type(value).__name__}"
-        raise DataError(f"{what} is {kind}, not a string (make it one string; join text parts)",
+        raise DataError(f"{what} is {_kind(value)}, not a string (make it one string; join text parts)",
                         source=source, turn=turn, rule="content_not_string")
     return value
 
@@ -274,15 +285,9 @@ def _call(name: Any, arguments: Any, source: str, turn: int) -> ToolCall:
     if not isinstance(name, str) or not name.strip():
         raise DataError("tool call has no function name (give each call a non-empty name)",
                         source=source, turn=turn, rule="bad_tool_call")
-    if isinstance(arguments, str):
-        try:
-            ok = isinstance(json.loads(arguments), dict)
-        except json.JSONDecodeError:
-            ok = False
-    else:
-        ok = isinstance(arguments, dict)
-        arguments = json.dumps(arguments, ensure_ascii=False) if ok else arguments
-    if not ok:
+    if isinstance(arguments, dict):
+        arguments = json.dumps(arguments, ensure_ascii=False)
+    if not isinstance(arguments, str) or not isinstance(_loads(arguments), dict):
         raise DataError(f"arguments of tool call {name!r} are not a JSON object "
                         '(write them as {"arg": value}, as an object or its JSON text)',
                         source=source, turn=turn, rule="bad_tool_call")
@@ -293,10 +298,7 @@ def _tools(value: Any, source: str) -> list[dict]:
     if value is None:
         return []
     if isinstance(value, str):  # ShareGPT files (LLaMA-Factory) store tools as JSON text
-        try:
-            value = json.loads(value) if value.strip() else []
-        except json.JSONDecodeError:
-            value = None
+        value = _loads(value) if value.strip() else []
     if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
         raise DataError("tools must be a list of JSON-schema objects (or its JSON text)",
                         source=source, rule="bad_tools")
@@ -354,10 +356,7 @@ def _sharegpt(obj: Any, source: str) -> tuple[list[_Item], list[dict]]:
         if sender != "function_call":
             items.append((turn, Message(_ROLES["sharegpt"][sender], value)))  # type: ignore[arg-type]
             continue
-        try:
-            parsed = json.loads(value)
-        except json.JSONDecodeError:
-            parsed = None
+        parsed = _loads(value)
         parsed = parsed if isinstance(parsed, list) else [parsed]
         if not parsed or not all(isinstance(c, dict) for c in parsed):
             raise DataError('function_call value must be JSON {"name": ..., "arguments": {...}} or a list '
