@@ -7,6 +7,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from turntune.conversation import Conversation, Message, ToolCall
 from turntune.data import RULES, DataReport, detect_format, load_conversations, parse_record
@@ -172,6 +174,32 @@ def test_turn_counts_the_records_own_list_not_the_implied_system():
     record = {"system": "s", "conversations": [{"from": "human", "value": "q"}, {"from": "system", "value": "t"}]}
     err = error_of(record)
     assert (err.rule, err.turn) == ("system_not_first", 2)
+
+
+_json = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4),
+                     max_leaves=12)
+_roles = st.sampled_from(["system", "user", "assistant", "tool", "observation", "x"]) | _json
+_message = st.fixed_dictionaries({"role": _roles},
+                                 optional={"content": _json | st.text(max_size=5), "metadata": _json,
+                                           "tool_calls": _json, "tools": _json})
+_record = (st.fixed_dictionaries({"messages": st.lists(_message, max_size=5)}, optional={"tools": _json})
+           | st.lists(_message, max_size=5)
+           | st.fixed_dictionaries({"conversations": st.lists(st.fixed_dictionaries(
+               {"from": st.sampled_from(["human", "gpt", "function_call", "observation", "system"]),
+                "value": _json | st.text(max_size=5)}), max_size=5)}, optional={"system": _json, "tools": _json})
+           | _json)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_record)
+def test_any_json_value_gives_a_conversation_or_a_data_error(record):
+    try:
+        conv = parse_record(record, "h:1")
+    except DataError as err:
+        assert err.rule in RULES and str(err).startswith("h:1: ")
+    else:
+        assert any(m.role == "assistant" for m in conv.messages)
 
 
 def test_allowed_edge_cases():

@@ -99,6 +99,8 @@ class DataReport:
 
 @dataclass
 class LoadResult:
+    """The valid conversations, in file order, and the report of everything read."""
+
     conversations: list[Conversation]
     report: DataReport
 
