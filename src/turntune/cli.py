@@ -115,8 +115,8 @@ def _demo(a) -> int:
         print(res.eval_after.table(res.eval_before, ("after", "before")))
     model, tok = load_for_chat(res.final_dir)
     print("\na short chat with the tuned model:")
-    chat_loop(model, resolve_template(tok, cfg.data.template), system="You are Tutu, a concise and friendly assistant.",
-              inputs=["How many grams are in 3 kilograms?", "And how many in half a kilogram?"])
+    chat_loop(model, resolve_template(tok, cfg.data.template), system="You are Tally, a friendly helper for quick questions about numbers, places and cooking.",
+              inputs=["How many pounds is 20 kg?", "What is 45 + 38?", "Thanks!"])
     return 0
 
 
@@ -178,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched from a hub
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one progress display: ours
     args, extra = build_parser().parse_known_args(argv)
     overrides = [e for e in extra if e.startswith("--") and "." in e.split("=")[0]]
     unknown = [e for e in extra if e not in overrides]
