@@ -99,8 +99,9 @@ class TrainConfig:
     """AdamW weight decay (never applied to norms and biases)."""
     max_grad_norm: float = 1.0
     """Gradient clipping (0: off)."""
-    autocast: Literal["auto", "bf16", "off"] = "auto"
-    """bf16 autocast: auto = on where the hardware has it (CUDA with bf16, and CPU)."""
+    autocast: Literal["auto", "bf16", "fp32"] = "auto"
+    """Compute precision: bf16 autocast (``auto``: where the hardware has it, CUDA with bf16 and CPU)
+    or plain float32 (``fp32``, for exactness checks)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
     seed: int = 0

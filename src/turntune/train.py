@@ -106,7 +106,7 @@ def memory_gb(device: torch.device) -> float:
 
 
 def use_autocast(cfg: Config, device: torch.device) -> bool:
-    if cfg.train.autocast == "off":
+    if cfg.train.autocast == "fp32":
         return False
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
