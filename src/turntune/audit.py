@@ -1,0 +1,319 @@
+"""A dataset-wide report of what a training run would see and learn (``turntune audit``).
+
+Every figure is counted from the encoder's own output (the examples, their labels and message
+indices) or from the template's rendering, never re-derived by searching the text for markers.
+The terminator check is deliberately independent of the template code: a trained reply must end
+with a control token (a special token of the tokenizer) in its labels, or the model never learns
+to stop.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from turntune.constants import IGNORE_INDEX
+from turntune.conversation import Conversation
+from turntune.encode import EncodeOptions, EncodeReport, encode_conversations
+from turntune.example import Example
+from turntune.templates.base import Rendered, Template
+
+COST_STRATEGIES = ("expand", "all", "last")
+TEMPLATE_ROLE = "template"  # tokens that belong to no message
+TURN_BUCKETS = 16  # replies from the 16th on are counted together, as in evaluate.py
+# Words a template writes as a role header. Removed before deciding whether a message carries
+# text that is neither its content nor markup (a date, a default prompt): only what is left counts.
+HEADER_WORDS = ("system", "user", "assistant", "tool", "ipython", "observation", "model", "function")
+MAX_LISTED = 5
+
+
+@dataclass
+class StrategyCost:
+    examples: int
+    tokens: int
+    trained_tokens: int
+
+
+@dataclass
+class AddedText:
+    """Text the template writes that is not in the data, and in how many conversations."""
+
+    where: str  # "outside messages" or "in <role> messages"
+    text: str
+    conversations: int
+
+
+@dataclass
+class AuditReport:
+    """Everything ``turntune audit`` prints. ``to_dict`` is the ``--json`` output."""
+
+    template: str
+    strategy: str
+    max_length: int | None
+    conversations: int = 0
+    messages: int = 0
+    rounds: int = 0  # user messages: each opens a round
+    replies: int = 0
+    tool_call_replies: int = 0
+    tokens_by_role: dict[str, int] = field(default_factory=dict)  # whole conversations, rendered once
+    trained_by_role: dict[str, int] = field(default_factory=dict)  # in the chosen strategy's examples
+    trained_by_turn: dict[str, int] = field(default_factory=dict)  # "1", "2", ..., "16+"
+    examples: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    replies_trained: int = 0  # (example, reply) pairs with at least one trained token
+    terminator_trained: int = 0  # of those: the last trained token is a control token
+    terminator_stops: int = 0  # of those: it is one of the template's stop tokens
+    unterminated: list[str] = field(default_factory=list)  # the first few, "source: reply k ends with 'x'"
+    examples_without_labels: int = 0
+    encode: dict[str, int | float] = field(default_factory=dict)  # the EncodeReport's counts
+    not_prefix_stable: int = 0
+    not_prefix_stable_sources: list[str] = field(default_factory=list)
+    prefix_handling: str = ""
+    added_text: list[AddedText] = field(default_factory=list)
+    format_markers: dict[str, int] = field(default_factory=dict)  # control-only text outside messages
+    not_rendered: dict[str, int] = field(default_factory=dict)  # data the template drops or rewrites
+    special_in_content: dict[str, dict[str, int]] = field(default_factory=dict)  # string -> count, conversations
+    cost: dict[str, StrategyCost] = field(default_factory=dict)
+
+    @property
+    def terminator_share(self) -> float:
+        return self.terminator_trained / self.replies_trained if self.replies_trained else 0.0
+
+    @property
+    def ok(self) -> bool:
+        """Trainable, and every trained reply learns to stop."""
+        return self.trained_tokens > 0 and self.terminator_trained == self.replies_trained
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["terminator_share"] = self.terminator_share
+        base = self.cost.get("all")
+        d["cost_ratio_vs_all"] = {k: v.tokens / base.tokens for k, v in self.cost.items()} if base and base.tokens else {}
+        return d
+
+
+def control_ids(tokenizer) -> set[int]:
+    """Ids of the tokenizer's special tokens: what a terminator must be."""
+    ids = set(tokenizer.all_special_ids)
+    ids.update(i for i, t in tokenizer.added_tokens_decoder.items() if t.special)
+    return ids
+
+
+def special_strings(tokenizer) -> list[str]:
+    """The text of every special token, longest first (so a regex union prefers the longest)."""
+    out = set(tokenizer.all_special_tokens)
+    out.update(t.content for t in tokenizer.added_tokens_decoder.values() if t.special)
+    return sorted(out, key=len, reverse=True)
+
+
+def audit(conversations: Sequence[Conversation], tokenizer, template: Template,
+          options: EncodeOptions = EncodeOptions()) -> AuditReport:
+    """Encode ``conversations`` as ``options`` says (and under each strategy, for the cost) and
+    count what is trained.
+
+    >>> rep = audit(load_conversations("eval.jsonl").conversations, tok, resolve_template(tok))  # doctest: +SKIP
+    >>> rep.terminator_share   # 1.0, or the template loses the end of turn
+    """
+    convs = list(conversations)
+    rep = AuditReport(template.name, options.strategy, options.max_length)
+    _count_data(rep, convs)
+    render_many = getattr(template, "render_many", None)
+    rendered = render_many(convs) if render_many else [template.render(c) for c in convs]
+    control = control_ids(tokenizer)
+    roles = Counter()
+    for c, r in zip(convs, rendered):
+        roles.update(c.messages[m].role if m >= 0 else TEMPLATE_ROLE for m in r.message)
+    rep.tokens_by_role = dict(roles)
+    _template_text(rep, tokenizer, template, convs, rendered, control)
+    _special_in_content(rep, tokenizer, convs)
+
+    er = EncodeReport()
+    examples = encode_conversations(convs, template, options, report=er)
+    _count_examples(rep, examples, {c.source: c for c in convs}, control, set(template.stop_ids()), tokenizer)
+    rep.encode = {k: v for k, v in vars(er).items() if not isinstance(v, list)}
+    unstable = [c.source for c, r in zip(convs, rendered) if not r.prefix_stable]
+    rep.not_prefix_stable = len(unstable)
+    rep.not_prefix_stable_sources = unstable[:MAX_LISTED]
+    rep.prefix_handling = {
+        "last": "only the final reply is trained, from the whole rendering: nothing to slice",
+        "full": "every token is trained from the whole rendering: nothing to slice",
+    }.get(options.strategy, "each reply rendered with its own history (expanded for real), so every "
+                            "trained token is what inference would see")
+    for s in COST_STRATEGIES:
+        exs = examples if s == options.strategy else encode_conversations(
+            convs, template, dataclasses.replace(options, strategy=s))
+        rep.cost[s] = StrategyCost(len(exs), sum(len(e) for e in exs), sum(e.n_trained for e in exs))
+    return rep
+
+
+def _count_data(rep: AuditReport, convs: list[Conversation]) -> None:
+    rep.conversations = len(convs)
+    for c in convs:
+        rep.messages += len(c.messages)
+        rep.rounds += sum(1 for m in c.messages if m.role == "user")
+        rep.replies += len(c.assistant_indices)
+        rep.tool_call_replies += sum(1 for m in c.messages if m.role == "assistant" and m.tool_calls)
+
+
+def _count_examples(rep: AuditReport, examples: list[Example], by_source: dict[str, Conversation],
+                    control: set[int], stops: set[int], tokenizer) -> None:
+    by_role, by_turn = Counter(), Counter()
+    for ex in examples:
+        conv = by_source[ex.source]
+        rep.examples += 1
+        rep.tokens += len(ex)
+        last: dict[int, int] = {}  # reply -> its last trained position
+        for i, lab in enumerate(ex.labels):
+            if lab == IGNORE_INDEX:
+                continue
+            m = ex.message[i] if ex.message else -1
+            by_role[conv.messages[m].role if m >= 0 else TEMPLATE_ROLE] += 1
+            by_turn[ex.turn[i]] += 1
+            last[ex.turn[i]] = i
+        rep.trained_tokens += ex.n_trained
+        rep.examples_without_labels += ex.n_trained == 0
+        for t, i in last.items():
+            if t < 0:  # `full` trains user tokens under no reply: not a reply of its own
+                continue
+            rep.replies_trained += 1
+            tok = ex.labels[i]
+            if tok in control:
+                rep.terminator_trained += 1
+            elif len(rep.unterminated) < MAX_LISTED:
+                rep.unterminated.append(f"{ex.source}: reply {t + 1} ends with {tokenizer.decode([tok])!r}")
+            rep.terminator_stops += tok in stops
+    rep.trained_by_role = dict(by_role)
+    rep.trained_by_turn = {}
+    for t in sorted(k for k in by_turn if k >= 0):
+        key = str(t + 1) if t + 1 < TURN_BUCKETS else f"{TURN_BUCKETS}+"
+        rep.trained_by_turn[key] = rep.trained_by_turn.get(key, 0) + by_turn[t]
+    if by_turn.get(-1):  # `full`: tokens outside every reply
+        rep.trained_by_turn["none"] = by_turn[-1]
+
+
+def _residue(text: str, remove: Sequence[str]) -> str:
+    """``text`` less each string of ``remove`` (once, in order), header words and blanks."""
+    for s in remove:
+        if s:
+            text = text.replace(s, " ", 1)
+    words = re.sub(r"\b(" + "|".join(HEADER_WORDS) + r")\b", " ", text)
+    return " ".join(words.split())
+
+
+def _template_text(rep: AuditReport, tokenizer, template: Template, convs: list[Conversation],
+                   rendered: list[Rendered], control: set[int]) -> None:
+    """Find text the template writes that the data does not hold, and data it does not write.
+
+    Outside messages (``message == -1``): each run of tokens; a run of control tokens only is a
+    format marker (``[gMASK]<sop>``, BOS), one with other text is added text (a default system
+    prompt). Inside a message: its tokens' text less its content, the tokenizer's added-token
+    strings and role-header words; anything left with a letter or digit is added (a date the
+    template writes into the system prompt, a tool-declaration block). Tool-call replies are not
+    searched for added text (their JSON keys would read as such), only for their function names.
+
+    Dropped: a message whose content (stripped) is not in its tokens' text, a tool call whose
+    name is not, and tool declarations whose removal leaves the rendering unchanged.
+    """
+    added_strings = sorted({t.content for t in tokenizer.added_tokens_decoder.values()}, key=len, reverse=True)
+    runs: list[tuple[int, int, list[int]]] = []  # conversation, message (-1: none), ids
+    for ci, r in enumerate(rendered):
+        start = 0
+        for i in range(1, len(r.message) + 1):
+            if i == len(r.message) or r.message[i] != r.message[start]:
+                runs.append((ci, r.message[start], r.input_ids[start:i]))
+                start = i
+    texts = tokenizer.batch_decode([ids for _, _, ids in runs], skip_special_tokens=False,
+                                   clean_up_tokenization_spaces=False)
+    found: dict[tuple[str, str], set[int]] = {}
+    markers: dict[str, set[int]] = {}
+    dropped: Counter = Counter()
+    for (ci, m, ids), text in zip(runs, texts):
+        msg = convs[ci].messages[m] if m >= 0 else None
+        if msg is not None:
+            if msg.content.strip() and msg.content.strip() not in text:
+                dropped[f"{msg.role} content (messages)"] += 1
+            dropped["tool calls (replies)"] += any(call.name not in text for call in msg.tool_calls)
+            if msg.tool_calls:
+                continue
+        left = _residue(text, ([msg.content] if msg else []) + added_strings)
+        if not re.search(r"\w", left):
+            if msg is None and all(t in control for t in ids):
+                markers.setdefault(text, set()).add(ci)
+            continue
+        where = f"in {msg.role} messages" if msg else "outside messages"
+        found.setdefault((where, text if msg is None else left), set()).add(ci)
+    for c, r in zip(convs, rendered):
+        if c.tools:
+            dropped["tool declarations (conversations)"] += template.render(
+                dataclasses.replace(c, tools=())).input_ids == r.input_ids
+    rep.added_text = [AddedText(w, t, len(cs)) for (w, t), cs in sorted(found.items(), key=lambda kv: -len(kv[1]))]
+    rep.format_markers = {t: len(cs) for t, cs in markers.items()}
+    rep.not_rendered = dict(+dropped)
+
+
+def _special_in_content(rep: AuditReport, tokenizer, convs: list[Conversation]) -> None:
+    """Special-token strings typed inside message text (both templates encode them as plain text)."""
+    strings = special_strings(tokenizer)
+    if not strings:
+        return
+    pattern = re.compile("|".join(map(re.escape, strings)))
+    count, where = Counter(), {}
+    for ci, c in enumerate(convs):
+        for m in c.messages:
+            for text in [m.content, *(call.arguments for call in m.tool_calls)]:
+                for hit in pattern.findall(text):
+                    count[hit] += 1
+                    where.setdefault(hit, set()).add(ci)
+    rep.special_in_content = {s: {"count": n, "conversations": len(where[s])} for s, n in count.most_common()}
+
+
+def _short(text: str, width: int = 100) -> str:
+    text = repr(text)[1:-1]  # newlines and tabs visible
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def format_report(rep: AuditReport, source: str = "") -> str:
+    """The report as plain-text tables (what ``turntune audit`` prints)."""
+    pct = lambda a, b: f"{a / b:.1%}" if b else "-"  # noqa: E731
+    out = [f"audit {source}  template {rep.template}  strategy {rep.strategy}  max_length {rep.max_length}", "",
+           f"data: conversations {rep.conversations}, messages {rep.messages}, rounds {rep.rounds}, "
+           f"replies {rep.replies} (tool calls {rep.tool_call_replies})", "",
+           f"{'role':12}{'tokens':>10}{'trained':>10}{'share':>8}   (tokens: whole conversations as rendered)"]
+    roles = list(dict.fromkeys([*rep.tokens_by_role, *rep.trained_by_role]))
+    for role in roles:
+        n, t = rep.tokens_by_role.get(role, 0), rep.trained_by_role.get(role, 0)
+        out.append(f"{role:12}{n:>10,}{t:>10,}{pct(t, n):>8}")
+    out.append(f"{'total':12}{sum(rep.tokens_by_role.values()):>10,}{rep.trained_tokens:>10,}")
+    out += ["", "trained tokens by reply: " + "  ".join(f"{k}: {v:,}" for k, v in rep.trained_by_turn.items())]
+    out += ["", f"terminators: {rep.terminator_trained} of {rep.replies_trained} trained replies end with a trained "
+                f"control token ({pct(rep.terminator_trained, rep.replies_trained)}; must be 100%); "
+                f"{rep.terminator_stops} end with a stop token"]
+    out += [f"  not terminated: {u}" for u in rep.unterminated]
+    e = rep.encode
+    out += ["", f"examples {rep.examples} ({rep.tokens:,} tokens); examples with no trained token "
+                f"{rep.examples_without_labels}; conversations left with nothing to train "
+                f"{e.get('conversations_without_labels', 0)}",
+            f"truncation: history rounds dropped {e.get('history_rounds_dropped', 0)}, replies cut "
+            f"{e.get('replies_cut', 0)}, replies lost (too long even alone) {e.get('replies_lost', 0)}, "
+            f"extra windows {e.get('windows', 0)}",
+            f"not prefix-stable: {rep.not_prefix_stable} of {rep.conversations}"
+            + (f" ({', '.join(rep.not_prefix_stable_sources)}{', ...' if rep.not_prefix_stable > MAX_LISTED else ''});"
+               f" handled: {rep.prefix_handling}" if rep.not_prefix_stable else "")]
+    out += ["", "text the template adds (not in the data):" + ("" if rep.added_text else " none")]
+    out += [f"  {a.where}, {a.conversations} conversations: {_short(a.text)}" for a in rep.added_text[:MAX_LISTED]]
+    if len(rep.added_text) > MAX_LISTED:
+        out.append(f"  ... {len(rep.added_text) - MAX_LISTED} more distinct texts (see --json)")
+    out += [f"  WARNING: not rendered as given: {what}: {n}" for what, n in rep.not_rendered.items()]
+    if rep.format_markers:
+        out.append("  format markers: " + ", ".join(f"{_short(t)} ({n})" for t, n in rep.format_markers.items()))
+    out += ["", "special-token strings inside content (encoded as plain text):" + ("" if rep.special_in_content else " none")]
+    out += [f"  {s}: {v['count']} times in {v['conversations']} conversations" for s, v in rep.special_in_content.items()]
+    base = rep.cost.get("all")
+    out += ["", f"{'strategy':12}{'examples':>10}{'tokens':>12}{'trained':>10}{'vs all':>8}   (cost per epoch)"]
+    for s, c in rep.cost.items():
+        ratio = f"{c.tokens / base.tokens:.2f}x" if base and base.tokens else "-"
+        out.append(f"{s:12}{c.examples:>10,}{c.tokens:>12,}{c.trained_tokens:>10,}{ratio:>8}")
+    return "\n".join(out)
