@@ -21,7 +21,8 @@ Two ideas live here.
    Why ``* world_size``: DDP (and FSDP) *average* gradients over ranks. Each rank's backward loss
    ``world_size * weighted_sum_r / total`` averages to ``sum_r weighted_sum_r / total``, exactly the
    gradient of the global step loss. Without the factor every step would be ``world_size`` times
-   too small.
+   too small. (Wrap all but the window's last micro-batch in ``ddp.no_sync()``: gradients are
+   linear, so syncing once per window gives the same sum with less traffic.)
 """
 from __future__ import annotations
 
