@@ -76,11 +76,22 @@ def _eval(a) -> int:
         exs = encode_conversations(res.conversations, tmpl, EncodeOptions("all", "token", a.max_length))
         results.append(evaluate(model, exs, pad_id=tok.pad_token_id, max_length=a.max_length,
                                 kinds=turn_kinds(res.conversations)))
-    names = (Path(a.model).name or a.model, Path(a.compare).name if a.compare else "")
+    names = _model_names(a.model, a.compare) if a.compare else (Path(a.model).name or a.model, "")
     print(results[0].table(results[1] if len(results) > 1 else None, names))
     if a.json:
         Path(a.json).write_text(json.dumps({n: r.to_dict() for n, r in zip(names, results)}, indent=2))
     return 0
+
+
+def _model_names(a: str, b: str) -> tuple[str, str]:
+    """Short distinct names for two models: the last path parts that tell them apart (a base and
+    its tuned copy often share a folder name, and ``--json`` keys them by name)."""
+    pa, pb = Path(a).parts, Path(b).parts
+    for d in range(1, max(len(pa), len(pb)) + 1):
+        na, nb = "/".join(pa[-d:]), "/".join(pb[-d:])
+        if na != nb:
+            return na, nb
+    return a, f"{b} (2)"
 
 
 def _chat(a) -> int:

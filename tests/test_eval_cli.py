@@ -1,0 +1,110 @@
+"""``turntune eval``: loss per reply index and kind, two models side by side, checked against the
+models' own logits computed here one example at a time."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from turntune.cli import main
+from turntune.constants import IGNORE_INDEX
+from turntune.data import load_conversations
+from turntune.encode import EncodeOptions, encode_conversations, resolve_template
+
+EVAL = Path(__file__).resolve().parents[1] / "examples" / "data" / "eval.jsonl"
+N = 6  # the first 6 conversations of the example eval split; the 6th has a tool call
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("evaldata") / "eval6.jsonl"
+    p.write_text("\n".join(EVAL.read_text().splitlines()[:N]) + "\n")
+    return p
+
+
+@pytest.fixture(scope="module")
+def other_model(tiny_glm_path, tmp_path_factory) -> Path:
+    """The tiny GLM with every weight nudged: a second model with the same tokenizer. Its folder
+    has the same name as the first one's, as a base and a tuned model's often do."""
+    from safetensors.torch import load_file, save_file
+
+    dest = tmp_path_factory.mktemp("other") / tiny_glm_path.name
+    shutil.copytree(tiny_glm_path, dest)
+    weights = load_file(dest / "model.safetensors")
+    g = torch.Generator().manual_seed(1)
+    save_file({k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in weights.items()},
+              dest / "model.safetensors", metadata={"format": "pt"})
+    return dest
+
+
+@pytest.fixture(scope="module")
+def compared(tiny_glm_path, other_model, data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("evalout") / "eval.json"
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = main(["eval", str(tiny_glm_path), str(data), "--compare", str(other_model), "--json", str(out)])
+    return code, buf.getvalue(), json.loads(out.read_text())
+
+
+def reference(model_dir: Path, tokenizer, data: Path) -> dict:
+    """Token losses from the model's own logits, summed by reply index and kind of reply."""
+    from transformers import AutoModelForCausalLM
+
+    convs = load_conversations(data).conversations
+    kinds = {(c.source, k): "tool_call" if c.messages[i].tool_calls else "answer"
+             for c in convs for k, i in enumerate(c.assistant_indices)}
+    exs = encode_conversations(convs, resolve_template(tokenizer), EncodeOptions("all", max_length=2048))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    sums: dict[str, list[float]] = {}
+    with torch.no_grad():
+        for ex in exs:
+            # position i-1 predicts token i; the head runs on the predicting positions only (speed)
+            at = [i for i, lab in enumerate(ex.labels) if lab != IGNORE_INDEX]
+            hidden = model.model(torch.tensor([ex.input_ids])).last_hidden_state[0]
+            logits = model.lm_head(hidden[[i - 1 for i in at]])
+            losses = torch.nn.functional.cross_entropy(logits, torch.tensor([ex.labels[i] for i in at]), reduction="none")
+            for i, loss in zip(at, losses.double().tolist()):
+                turn = ex.turn[i]
+                for key in ("all", f"reply {turn + 1}", kinds[(ex.source, turn)]):
+                    s = sums.setdefault(key, [0.0, 0])
+                    s[0] += loss
+                    s[1] += 1
+    return {k: (s[0] / s[1], s[1]) for k, s in sums.items()}
+
+
+def test_eval_compare_writes_both_models(compared, tiny_glm_path, other_model):
+    code, table, res = compared
+    assert code == 0
+    assert len(res) == 2, f"one model's figures overwrote the other's: keys {list(res)}"
+    # the two folders have the same name: each is named by the path parts that tell them apart
+    assert list(res) == ["/".join(tiny_glm_path.parts[-2:]), "/".join(other_model.parts[-2:])]
+    first, second = res.values()
+    for r in (first, second):
+        assert set(r) == {"loss", "perplexity", "tokens", "per_turn", "per_kind"}
+        assert math.isfinite(r["loss"]) and r["perplexity"] == pytest.approx(math.exp(r["loss"]))
+        assert sum(v["tokens"] for v in r["per_turn"].values()) == r["tokens"]
+        assert sum(v["tokens"] for v in r["per_kind"].values()) == r["tokens"]
+        assert set(r["per_kind"]) == {"answer", "tool_call"}
+    assert first["tokens"] == second["tokens"] and first["loss"] != second["loss"]
+    head, *rows = table.splitlines()
+    assert [r.split()[0] for r in rows] == ["all", *["reply"] * len(first["per_turn"]), "answer", "tool_call"]
+    assert rows[0].split()[2:] == [f"{first['loss']:.4f}", f"{second['loss']:.4f}", str(first["tokens"])]
+
+
+def test_eval_figures_match_the_models_own_logits(compared, tiny_glm_path, glm4_tokenizer, data):
+    _, _, res = compared
+    got = next(iter(res.values()))
+    ref = reference(tiny_glm_path, glm4_tokenizer, data)
+    assert got["tokens"] == ref["all"][1]
+    assert got["loss"] == pytest.approx(ref["all"][0], rel=1e-4)
+    assert {k: v["tokens"] for k, v in got["per_turn"].items()} == {k[6:]: n for k, (_, n) in ref.items() if k.startswith("reply ")}
+    for k, v in got["per_turn"].items():
+        assert v["loss"] == pytest.approx(ref[f"reply {k}"][0], rel=1e-4)
+    for k, v in got["per_kind"].items():
+        assert (v["tokens"], v["loss"]) == (ref[k][1], pytest.approx(ref[k][0], rel=1e-4))
