@@ -4,8 +4,10 @@
 - ``all`` + ``turn`` weighting == ``expand`` with a mean of per-sample means (loss and gradients);
 - ``all`` + ``token`` weighting == ``expand`` with a token mean.
 
-Tolerance: 1e-9 absolute on losses, 1e-9 relative on gradients (float64; the two sides add the
-same numbers in different orders, nothing else differs).
+Tolerance: 1e-9 absolute on losses; gradients within 1e-6 of the largest gradient entry. The
+models run in float64, but transformers' RMSNorm computes in float32 whatever the dtype, so the
+two sides (different batch shapes, hence different matmul blocking) agree to float32 rounding
+there; nothing else differs.
 """
 from __future__ import annotations
 
@@ -97,7 +99,8 @@ def test_all_with_turn_weighting_is_expand_mean_of_means(setup):
     g = grads(model)
     assert float(ls.total_weight) == pytest.approx(len(samples))  # one unit of weight per reply
     assert abs(float(ours - ref)) < 1e-9
-    assert torch.allclose(g, g_ref, rtol=1e-9, atol=1e-12)
+    err = (g - g_ref).abs().max() / g_ref.abs().max()
+    assert err < 1e-6, float(err)
     # and expand + turn weighting through turntune gives the same again
     model.zero_grad()
     ls2 = batch_loss(model, pad_batch(enc(template, "expand", "turn"), pad_id=pad))

@@ -43,7 +43,7 @@ class Batch:
 
     input_ids: torch.Tensor  # long
     labels: torch.Tensor  # long, IGNORE_INDEX on pads and on each example's first token
-    weight: torch.Tensor  # float32 per-token loss weight
+    weight: torch.Tensor  # float64 per-token loss weight (1/|A_k| is exact enough for float64 checks)
     turn: torch.Tensor  # long, NO_TURN on pads / context
     attention_mask: torch.Tensor | None  # long, 1 = real token; None when packed
     position_ids: torch.Tensor | None  # long, restarting at 0 per example
@@ -90,7 +90,7 @@ def _example_tensors(ex: Example) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
         )
     labels = torch.tensor(ex.labels, dtype=torch.long)
     labels[0] = IGNORE_INDEX
-    weight = torch.tensor(ex.weight, dtype=torch.float32).masked_fill(labels == IGNORE_INDEX, 0.0)
+    weight = torch.tensor(ex.weight, dtype=torch.float64).masked_fill(labels == IGNORE_INDEX, 0.0)
     return torch.tensor(ex.input_ids, dtype=torch.long), labels, weight, torch.tensor(ex.turn, dtype=torch.long)
 
 
@@ -98,7 +98,7 @@ def _empty(rows: int, width: int, pad_id: int) -> dict[str, torch.Tensor]:
     return {
         "input_ids": torch.full((rows, width), pad_id, dtype=torch.long),
         "labels": torch.full((rows, width), IGNORE_INDEX, dtype=torch.long),
-        "weight": torch.zeros((rows, width), dtype=torch.float32),
+        "weight": torch.zeros((rows, width), dtype=torch.float64),
         "turn": torch.full((rows, width), NO_TURN, dtype=torch.long),
         "position_ids": torch.zeros((rows, width), dtype=torch.long),
     }

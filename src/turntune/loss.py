@@ -103,6 +103,11 @@ def logit_transform(config: object) -> Callable[[torch.Tensor], torch.Tensor] | 
     return transform
 
 
+def _at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy in float32 for bf16/fp16 models, and in float64 for float64 ones (exactness tests)."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
 def token_losses_from_hidden(
     hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor, *,
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None, full_head: bool = False,
@@ -120,13 +125,13 @@ def token_losses_from_hidden(
     targets = labels[:, 1:]
     select = targets != IGNORE_INDEX  # (rows, T-1): position t-1 predicts a target token t
     if full_head:
-        logits = lm_head(hidden[:, :-1]).float()
+        logits = _at_least_fp32(lm_head(hidden[:, :-1]))
         logits = transform(logits) if transform else logits
         flat = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                ignore_index=IGNORE_INDEX, reduction="none")
         losses = flat.view_as(targets)[select]
     else:
-        logits = lm_head(hidden[:, :-1][select]).float()  # (n_targets, V): the only head work
+        logits = _at_least_fp32(lm_head(hidden[:, :-1][select]))  # (n_targets, V): the only head work
         logits = transform(logits) if transform else logits
         losses = F.cross_entropy(logits, targets[select], reduction="none")
     return losses, F.pad(select, (1, 0), value=False)
@@ -164,7 +169,7 @@ class LossModel(nn.Module):
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         losses, keep = token_losses_from_hidden(hidden, head, labels, full_head=full_head,
                                                 transform=logit_transform(getattr(self.model, "config", None)))
-        w = weight[keep].float()
+        w = weight[keep].to(losses.dtype)
         weighted = (losses * w).sum()
         if losses.numel() == 0:
             # The empty selection already gives 0; this also ties the head and every decoder
