@@ -205,6 +205,8 @@ def _records(path: Path, name: str) -> Iterator[tuple[str, Any]]:
                        if not raw.endswith(b"\n") else "fix the line; JSONL holds one JSON record per line")
                 yield source, DataError(f"not valid JSON: {e.msg} at column {e.colno} ({fix})",
                                         source=source, rule="bad_json")
+            except (ValueError, RecursionError) as e:  # parses as JSON, but Python cannot hold it
+                yield source, DataError(_unreadable(e), source=source, rule="bad_json")
 
 
 def _json_records(path: Path, name: str) -> Iterator[tuple[str, Any]]:
@@ -220,12 +222,21 @@ def _json_records(path: Path, name: str) -> Iterator[tuple[str, Any]]:
                else "fix the JSON syntax")
         raise DataError(f"not valid JSON: {e.msg} at column {e.colno} ({fix})",
                         source=f"{name}:{e.lineno}", rule="bad_json") from None
+    except (ValueError, RecursionError) as e:
+        raise DataError(_unreadable(e), source=name, rule="bad_json") from None
     # A list of message dicts is one bare GLM-4 conversation, not a list of records.
     if isinstance(doc, list) and not (doc and all(isinstance(m, dict) and "role" in m for m in doc)):
         for i, record in enumerate(doc):
             yield f"{name}:#{i}", record
     else:
         yield f"{name}:#0", doc
+
+
+def _unreadable(e: Exception) -> str:
+    """Valid JSON that Python's json module refuses: json.loads raises these, not JSONDecodeError."""
+    if isinstance(e, RecursionError):
+        return "not readable JSON: nested too deeply (records are a few levels deep; is this a conversation?)"
+    return "not readable JSON: a number with more than 4300 digits (write it as a string)"
 
 
 # ---- normalising -----------------------------------------------------------------------------
@@ -238,6 +249,7 @@ def _parse(obj: Any, source: str, format: str) -> tuple[Conversation, str]:
     fmt = detect_format(obj, source) if format == "auto" else format
     items, tools = {"openai": _openai, "glm4": _glm4, "sharegpt": _sharegpt}[fmt](obj, source)
     _check_structure(items, source)
+    _check_unicode(items, tools, source)
     return Conversation(tuple(m for _, m in items), tuple(tools), source), fmt
 
 
@@ -303,6 +315,9 @@ def _tools(value: Any, source: str) -> list[dict]:
         value = _loads(value) if value.strip() else []
     if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
         raise DataError("tools must be a list of JSON-schema objects (or its JSON text)",
+                        source=source, rule="bad_tools")
+    if not all(isinstance(t.get("function", {}), dict) for t in value):  # templates read its fields
+        raise DataError('a tool\'s "function" must be an object ({"name": ..., "parameters": {...}})',
                         source=source, rule="bad_tools")
     return value
 
@@ -395,6 +410,27 @@ def _check_structure(items: list[_Item], source: str) -> None:
     if not any(m.role == "assistant" for _, m in items):
         raise DataError("no assistant reply, so nothing to train on (add one or drop the record)",
                         source=source, rule="no_assistant")
+
+
+def _check_unicode(items: list[_Item], tools: list[dict], source: str) -> None:
+    """JSON's \\u escapes can write half of a UTF-16 pair, which no tokenizer accepts; say so here."""
+    for turn, m in items:
+        for text in (m.content, m.name or "", *(t for c in m.tool_calls for t in (c.name, c.arguments))):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise DataError(f"text holds an unpaired surrogate {text[e.start]!r}, which is not Unicode "
+                                "(fix the \\u escape that wrote it, or remove it)",
+                                source=source, turn=turn, rule="bad_utf8") from None
+    if tools:
+        try:
+            json.dumps(tools, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataError("tools hold an unpaired surrogate, which is not Unicode (fix the \\u escape "
+                            "that wrote it, or remove it)", source=source, rule="bad_utf8") from None
+        except (TypeError, ValueError, RecursionError) as e:
+            raise DataError(f"tools are not plain JSON ({type(e).__name__}: {e})", source=source,
+                            rule="bad_tools") from None
 
 
 def _check_choice(setting: str, value: str, valid: tuple[str, ...]) -> None:
