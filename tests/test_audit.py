@@ -1,19 +1,22 @@
 """``turntune audit``: every figure checked against a count made here from the encoder's output."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 from pathlib import Path
 
 import pytest
 
 from toy import toy_tokenizer
-from turntune.audit import audit, format_report
+from turntune.audit import audit
 from turntune.cli import main
 from turntune.constants import IGNORE_INDEX
 from turntune.conversation import Conversation, Message, ToolCall
 from turntune.data import load_conversations
 from turntune.encode import EncodeOptions, encode_conversations, resolve_template
+from turntune.inspect_view import format_report
 from turntune.templates.glm4 import GLM4Template
 
 EVAL = str(Path(__file__).resolve().parents[1] / "examples" / "data" / "eval.jsonl")
@@ -29,9 +32,6 @@ def conv(*pairs, system: str | None = "Be brief.", source: str = "t.jsonl:1", to
 @pytest.fixture(scope="module")
 def cli_report(tmp_path_factory, smollm2_path):
     out = tmp_path_factory.mktemp("audit") / "audit.json"
-    import contextlib
-    import io
-
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         code = main(["audit", EVAL, "--model", str(smollm2_path), "--json", str(out)])
@@ -172,7 +172,7 @@ def test_text_the_template_injects_is_found(toy):
     rep = audit(cs, tok, resolve_template(tok, "hf"))
     assert rep.template == "hf" and rep.ok
     assert [(a.where, a.text, a.conversations) for a in rep.added_text] == [
-        ("outside messages", "[gMASK]<sop><|system|>\nYou are a bot.", 2), ("in system messages", "Today is 2024-01-01.", 1)]
+        ("outside messages", "[gMASK]<sop><|system|>\nYou are a bot.", 2), ("in system messages", "<|system|>\nToday is 2024-01-01. {content}", 1)]
     assert rep.format_markers == {"[gMASK]<sop>": 1} and rep.not_rendered == {}
 
 
@@ -184,3 +184,20 @@ def test_a_template_that_drops_tool_calls_is_reported(toy):
     rep = audit([c], tok, resolve_template(tok, "hf"))
     assert rep.not_rendered == {"tool calls (replies)": 1, "tool declarations (conversations)": 1}
     assert rep.tool_call_replies == 1
+
+
+# Mistral-like: the system prompt goes into the first user turn; earlier reasoning is stripped.
+FOLDING_TEMPLATE = (
+    "[gMASK]<sop>{% if messages[0].role == 'system' %}{% set s = messages[0].content %}"
+    "{% set rest = messages[1:] %}{% else %}{% set rest = messages %}{% endif %}"
+    "{% for m in rest %}<|{{ m.role }}|>\n{% if loop.first and s is defined %}{{ s }}\n\n{% endif %}"
+    "{{ m.content.split('</think>')[-1] }}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def test_content_moved_or_rewritten_by_the_template_is_reported():
+    tok = toy_tokenizer(FOLDING_TEMPLATE)
+    c = conv(("user", "Hi"), ("assistant", "<think>hm</think>Hello!"), ("user", "Bye"), ("assistant", "Ciao."))
+    rep = audit([c], tok, resolve_template(tok, "hf"))
+    assert rep.moved == {"system content (messages)": 1}
+    assert rep.not_rendered == {"assistant content (messages)": 1}  # the reasoning is gone
+    assert rep.added_text == [] and rep.trained_tokens > 0

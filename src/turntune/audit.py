@@ -9,6 +9,7 @@ to stop.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -75,6 +76,7 @@ class AuditReport:
     added_text: list[AddedText] = field(default_factory=list)
     format_markers: dict[str, int] = field(default_factory=dict)  # control-only text outside messages
     not_rendered: dict[str, int] = field(default_factory=dict)  # data the template drops or rewrites
+    moved: dict[str, int] = field(default_factory=dict)  # content rendered inside another message
     special_in_content: dict[str, dict[str, int]] = field(default_factory=dict)  # string -> count, conversations
     cost: dict[str, StrategyCost] = field(default_factory=dict)
 
@@ -194,28 +196,45 @@ def _count_examples(rep: AuditReport, examples: list[Example], by_source: dict[s
         rep.trained_by_turn["none"] = by_turn[-1]
 
 
+def _sub(text: str, part: str, repl: str) -> str:
+    """Replace whole occurrences of ``part``: a content "Yo" is not the start of "You are"."""
+    pattern = ("(?<!\\w)" if part[:1].isalnum() else "") + re.escape(part) + ("(?!\\w)" if part[-1:].isalnum() else "")
+    return re.sub(pattern, lambda _: repl, text)
+
+
 def _residue(text: str, remove: Sequence[str]) -> str:
-    """``text`` less each string of ``remove`` (once, in order), header words and blanks."""
-    for s in remove:
-        if s:
-            text = text.replace(s, " ", 1)
+    """``text`` less every occurrence of each string of ``remove``, header words and blanks."""
+    for r in remove:
+        if r:
+            text = _sub(text, r, " ")
     words = re.sub(r"\b(" + "|".join(HEADER_WORDS) + r")\b", " ", text)
     return " ".join(words.split())
+
+
+def _find(content: str, text: str) -> str | None:
+    """How ``content`` appears in ``text``: as is, trimmed, or JSON-escaped (``| tojson``); None if not."""
+    for form in (content, content.strip(), json.dumps(content.strip(), ensure_ascii=False)[1:-1]):
+        if form and form in text:
+            return form
+    return None
 
 
 def _template_text(rep: AuditReport, tokenizer, template: Template, convs: list[Conversation],
                    rendered: list[Rendered], control: set[int]) -> None:
     """Find text the template writes that the data does not hold, and data it does not write.
 
-    Outside messages (``message == -1``): each run of tokens; a run of control tokens only is a
-    format marker (``[gMASK]<sop>``, BOS), one with other text is added text (a default system
-    prompt). Inside a message: its tokens' text less its content, the tokenizer's added-token
-    strings and role-header words; anything left with a letter or digit is added (a date the
-    template writes into the system prompt, a tool-declaration block). Tool-call replies are not
-    searched for added text (their JSON keys would read as such), only for their function names.
+    Each run of tokens of one message (or of none) is decoded. Outside messages, a run of control
+    tokens only is a format marker (``[gMASK]<sop>``, BOS), one with other text is added text (a
+    default system prompt). Inside a message, what is left once every content of the conversation,
+    the tokenizer's added-token strings and role-header words are taken out is added text if it
+    holds a letter or digit (a date written into the system turn, a tool-declaration block); it is
+    shown as the message's rendering with its content replaced by ``{content}``. Tool-call
+    replies are only checked for their function names (their JSON keys would read as added text).
 
-    Dropped: a message whose content (stripped) is not in its tokens' text, a tool call whose
-    name is not, and tool declarations whose removal leaves the rendering unchanged.
+    Not rendered: a content found nowhere in the conversation's rendering (dropped or rewritten,
+    e.g. earlier reasoning stripped), a tool call whose name is not in its reply, tool declarations
+    whose removal leaves the rendering unchanged. Moved: a content rendered inside another message
+    (a system prompt folded into the first user turn).
     """
     added_strings = sorted({t.content for t in tokenizer.added_tokens_decoder.values()}, key=len, reverse=True)
     runs: list[tuple[int, int, list[int]]] = []  # conversation, message (-1: none), ids
@@ -227,31 +246,49 @@ def _template_text(rep: AuditReport, tokenizer, template: Template, convs: list[
                 start = i
     texts = tokenizer.batch_decode([ids for _, _, ids in runs], skip_special_tokens=False,
                                    clean_up_tokenization_spaces=False)
+    whole: dict[int, str] = {}
+    own: dict[tuple[int, int], str | None] = {}  # (conversation, message) -> its content as found in its run
+    for (ci, m, _), text in zip(runs, texts):
+        whole[ci] = whole.get(ci, "") + text
+        if m >= 0 and own.get((ci, m)) is None:
+            own[ci, m] = _find(convs[ci].messages[m].content, text)
+    # contents rendered inside another message (found in the conversation, not in their own run)
+    elsewhere: dict[int, list[tuple[str, int]]] = {}
+    dropped, moved = Counter(), Counter()
+    for (ci, m), form in own.items():
+        content = convs[ci].messages[m].content
+        if form is None and content.strip():
+            if (f := _find(content, whole[ci])) is not None:
+                elsewhere.setdefault(ci, []).append((f, m))
+            (moved if f is not None else dropped)[f"{convs[ci].messages[m].role} content (messages)"] += 1
     found: dict[tuple[str, str], set[int]] = {}
     markers: dict[str, set[int]] = {}
-    dropped: Counter = Counter()
     for (ci, m, ids), text in zip(runs, texts):
         msg = convs[ci].messages[m] if m >= 0 else None
         if msg is not None:
-            if msg.content.strip() and msg.content.strip() not in text:
-                dropped[f"{msg.role} content (messages)"] += 1
+            if msg.content.strip() and own[ci, m] is None:
+                continue  # its own text cannot be told from added text
             dropped["tool calls (replies)"] += any(call.name not in text for call in msg.tool_calls)
             if msg.tool_calls:
                 continue
-        left = _residue(text, ([msg.content] if msg else []) + added_strings)
+        data = sorted(([(own[ci, m], m)] if msg is not None and own[ci, m] else []) + elsewhere.get(ci, []),
+                      key=lambda fj: -len(fj[0]))
+        left = _residue(text, [f for f, _ in data] + added_strings)
         if not re.search(r"\w", left):
             if msg is None and all(t in control for t in ids):
                 markers.setdefault(text, set()).add(ci)
             continue
-        where = f"in {msg.role} messages" if msg else "outside messages"
-        found.setdefault((where, text if msg is None else left), set()).add(ci)
+        shown = text
+        for f, j in data:  # the data in it, by name: the same added text then reads the same
+            shown = _sub(shown, f, "{content}" if j == m else f"{{message {j}}}")
+        found.setdefault((f"in {msg.role} messages" if msg else "outside messages", shown), set()).add(ci)
     for c, r in zip(convs, rendered):
         if c.tools:
             dropped["tool declarations (conversations)"] += template.render(
                 dataclasses.replace(c, tools=())).input_ids == r.input_ids
     rep.added_text = [AddedText(w, t, len(cs)) for (w, t), cs in sorted(found.items(), key=lambda kv: -len(kv[1]))]
     rep.format_markers = {t: len(cs) for t, cs in markers.items()}
-    rep.not_rendered = dict(+dropped)
+    rep.not_rendered, rep.moved = dict(+dropped), dict(+moved)
 
 
 def _special_in_content(rep: AuditReport, tokenizer, convs: list[Conversation]) -> None:
@@ -268,52 +305,3 @@ def _special_in_content(rep: AuditReport, tokenizer, convs: list[Conversation]) 
                     count[hit] += 1
                     where.setdefault(hit, set()).add(ci)
     rep.special_in_content = {s: {"count": n, "conversations": len(where[s])} for s, n in count.most_common()}
-
-
-def _short(text: str, width: int = 100) -> str:
-    text = repr(text)[1:-1]  # newlines and tabs visible
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def format_report(rep: AuditReport, source: str = "") -> str:
-    """The report as plain-text tables (what ``turntune audit`` prints)."""
-    pct = lambda a, b: f"{a / b:.1%}" if b else "-"  # noqa: E731
-    out = [f"audit {source}  template {rep.template}  strategy {rep.strategy}  max_length {rep.max_length}", "",
-           f"data: conversations {rep.conversations}, messages {rep.messages}, rounds {rep.rounds}, "
-           f"replies {rep.replies} (tool calls {rep.tool_call_replies})", "",
-           f"{'role':12}{'tokens':>10}{'trained':>10}{'share':>8}   (tokens: whole conversations as rendered)"]
-    roles = list(dict.fromkeys([*rep.tokens_by_role, *rep.trained_by_role]))
-    for role in roles:
-        n, t = rep.tokens_by_role.get(role, 0), rep.trained_by_role.get(role, 0)
-        out.append(f"{role:12}{n:>10,}{t:>10,}{pct(t, n):>8}")
-    out.append(f"{'total':12}{sum(rep.tokens_by_role.values()):>10,}{rep.trained_tokens:>10,}")
-    out += ["", "trained tokens by reply: " + "  ".join(f"{k}: {v:,}" for k, v in rep.trained_by_turn.items())]
-    out += ["", f"terminators: {rep.terminator_trained} of {rep.replies_trained} trained replies end with a trained "
-                f"control token ({pct(rep.terminator_trained, rep.replies_trained)}; must be 100%); "
-                f"{rep.terminator_stops} end with a stop token"]
-    out += [f"  not terminated: {u}" for u in rep.unterminated]
-    e = rep.encode
-    out += ["", f"examples {rep.examples} ({rep.tokens:,} tokens); examples with no trained token "
-                f"{rep.examples_without_labels}; conversations left with nothing to train "
-                f"{e.get('conversations_without_labels', 0)}",
-            f"truncation: history rounds dropped {e.get('history_rounds_dropped', 0)}, replies cut "
-            f"{e.get('replies_cut', 0)}, replies lost (too long even alone) {e.get('replies_lost', 0)}, "
-            f"extra windows {e.get('windows', 0)}",
-            f"not prefix-stable: {rep.not_prefix_stable} of {rep.conversations}"
-            + (f" ({', '.join(rep.not_prefix_stable_sources)}{', ...' if rep.not_prefix_stable > MAX_LISTED else ''});"
-               f" handled: {rep.prefix_handling}" if rep.not_prefix_stable else "")]
-    out += ["", "text the template adds (not in the data):" + ("" if rep.added_text else " none")]
-    out += [f"  {a.where}, {a.conversations} conversations: {_short(a.text)}" for a in rep.added_text[:MAX_LISTED]]
-    if len(rep.added_text) > MAX_LISTED:
-        out.append(f"  ... {len(rep.added_text) - MAX_LISTED} more distinct texts (see --json)")
-    out += [f"  WARNING: not rendered as given: {what}: {n}" for what, n in rep.not_rendered.items()]
-    if rep.format_markers:
-        out.append("  format markers: " + ", ".join(f"{_short(t)} ({n})" for t, n in rep.format_markers.items()))
-    out += ["", "special-token strings inside content (encoded as plain text):" + ("" if rep.special_in_content else " none")]
-    out += [f"  {s}: {v['count']} times in {v['conversations']} conversations" for s, v in rep.special_in_content.items()]
-    base = rep.cost.get("all")
-    out += ["", f"{'strategy':12}{'examples':>10}{'tokens':>12}{'trained':>10}{'vs all':>8}   (cost per epoch)"]
-    for s, c in rep.cost.items():
-        ratio = f"{c.tokens / base.tokens:.2f}x" if base and base.tokens else "-"
-        out.append(f"{s:12}{c.examples:>10,}{c.tokens:>12,}{c.trained_tokens:>10,}{ratio:>8}")
-    return "\n".join(out)

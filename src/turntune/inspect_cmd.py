@@ -87,7 +87,8 @@ def run_inspect(a) -> int:
 
 
 def run_audit(a) -> int:
-    from turntune.audit import audit, format_report
+    from turntune.audit import audit
+    from turntune.inspect_view import format_report
 
     convs, tok, tmpl, opts = _setup(a)
     rep = audit(convs, tok, tmpl, opts)

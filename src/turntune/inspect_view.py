@@ -1,4 +1,5 @@
-"""Every token of an encoded example, with what is trained made visible: terminal and HTML views.
+"""Every token of an encoded example, with what is trained made visible: terminal and HTML views;
+and the audit report as plain-text tables.
 
 The views only read :class:`Example` fields (``input_ids``, ``labels``, ``turn``, ``message``):
 what is shown as trained is exactly what the loss sees, never recomputed from the text.
@@ -10,6 +11,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from turntune.audit import MAX_LISTED, AuditReport
 from turntune.constants import IGNORE_INDEX
 from turntune.conversation import Conversation
 from turntune.example import Example
@@ -216,3 +218,54 @@ def render_html(views: Sequence[ExampleView], title: str) -> str:
         parts.append("</section>")
     parts.append("</body></html>\n")
     return "".join(parts)  # no newline between tokens: the body keeps whitespace as written
+
+
+# -- the audit report as text ---------------------------------------------------------------
+def _short(text: str, width: int = 100) -> str:
+    text = repr(text)[1:-1]  # newlines and tabs visible
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def format_report(rep: AuditReport, source: str = "") -> str:
+    """The report as plain-text tables (what ``turntune audit`` prints)."""
+    pct = lambda a, b: f"{a / b:.1%}" if b else "-"  # noqa: E731
+    out = [f"audit {source}  template {rep.template}  strategy {rep.strategy}  max_length {rep.max_length}", "",
+           f"data: conversations {rep.conversations}, messages {rep.messages}, rounds {rep.rounds}, "
+           f"replies {rep.replies} (tool calls {rep.tool_call_replies})", "",
+           f"{'role':12}{'tokens':>10}{'trained':>10}{'share':>8}   (tokens: whole conversations as rendered)"]
+    roles = list(dict.fromkeys([*rep.tokens_by_role, *rep.trained_by_role]))
+    for role in roles:
+        n, t = rep.tokens_by_role.get(role, 0), rep.trained_by_role.get(role, 0)
+        out.append(f"{role:12}{n:>10,}{t:>10,}{pct(t, n):>8}")
+    out.append(f"{'total':12}{sum(rep.tokens_by_role.values()):>10,}{rep.trained_tokens:>10,}")
+    out += ["", "trained tokens by reply: " + "  ".join(f"{k}: {v:,}" for k, v in rep.trained_by_turn.items())]
+    out += ["", f"terminators: {rep.terminator_trained} of {rep.replies_trained} trained replies end with a trained "
+                f"control token ({pct(rep.terminator_trained, rep.replies_trained)}; must be 100%); "
+                f"{rep.terminator_stops} end with a stop token"]
+    out += [f"  not terminated: {u}" for u in rep.unterminated]
+    e = rep.encode
+    out += ["", f"examples {rep.examples} ({rep.tokens:,} tokens); examples with no trained token "
+                f"{rep.examples_without_labels}; conversations left with nothing to train "
+                f"{e.get('conversations_without_labels', 0)}",
+            f"truncation: history rounds dropped {e.get('history_rounds_dropped', 0)}, replies cut "
+            f"{e.get('replies_cut', 0)}, replies lost (too long even alone) {e.get('replies_lost', 0)}, "
+            f"extra windows {e.get('windows', 0)}",
+            f"not prefix-stable: {rep.not_prefix_stable} of {rep.conversations}"
+            + (f" ({', '.join(rep.not_prefix_stable_sources)}{', ...' if rep.not_prefix_stable > MAX_LISTED else ''});"
+               f" handled: {rep.prefix_handling}" if rep.not_prefix_stable else "")]
+    out += ["", "text the template adds (not in the data):" + ("" if rep.added_text else " none")]
+    out += [f"  {a.where}, {a.conversations} conversations: {_short(a.text)}" for a in rep.added_text[:MAX_LISTED]]
+    if len(rep.added_text) > MAX_LISTED:
+        out.append(f"  ... {len(rep.added_text) - MAX_LISTED} more distinct texts (see --json)")
+    out += [f"  WARNING: not rendered as given: {what}: {n}" for what, n in rep.not_rendered.items()]
+    out += [f"  rendered inside another message: {what}: {n}" for what, n in rep.moved.items()]
+    if rep.format_markers:
+        out.append("  format markers: " + ", ".join(f"{_short(t)} ({n})" for t, n in rep.format_markers.items()))
+    out += ["", "special-token strings inside content (encoded as plain text):" + ("" if rep.special_in_content else " none")]
+    out += [f"  {s}: {v['count']} times in {v['conversations']} conversations" for s, v in rep.special_in_content.items()]
+    base = rep.cost.get("all")
+    out += ["", f"{'strategy':12}{'examples':>10}{'tokens':>12}{'trained':>10}{'vs all':>8}   (cost per epoch)"]
+    for s, c in rep.cost.items():
+        ratio = f"{c.tokens / base.tokens:.2f}x" if base and base.tokens else "-"
+        out.append(f"{s:12}{c.examples:>10,}{c.tokens:>12,}{c.trained_tokens:>10,}{ratio:>8}")
+    return "\n".join(out)
