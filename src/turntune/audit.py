@@ -197,18 +197,35 @@ def _count_examples(rep: AuditReport, examples: list[Example], by_source: dict[s
 
 
 def _sub(text: str, part: str, repl: str) -> str:
-    """Replace whole occurrences of ``part``: a content "Yo" is not the start of "You are"."""
-    pattern = ("(?<!\\w)" if part[:1].isalnum() else "") + re.escape(part) + ("(?!\\w)" if part[-1:].isalnum() else "")
-    return re.sub(pattern, lambda _: repl, text)
+    """Replace whole occurrences of ``part``: a content "Yo" is not the start of "You are".
+    (A loop, not a regex: every content is a new pattern, and compiling them dominated the audit.)"""
+    def word(c: str) -> bool:
+        return c.isalnum() or c == "_"
+
+    out, i = [], 0
+    while (j := text.find(part, i)) >= 0:
+        k = j + len(part)
+        if not ((word(part[0]) and j > 0 and word(text[j - 1])) or (word(part[-1]) and k < len(text) and word(text[k]))):
+            out += [text[i:j], repl]
+            i = k
+        else:
+            out.append(text[i:j + 1])
+            i = j + 1
+    out.append(text[i:])
+    return "".join(out)
 
 
-def _residue(text: str, remove: Sequence[str]) -> str:
-    """``text`` less every occurrence of each string of ``remove``, header words and blanks."""
-    for r in remove:
-        if r:
-            text = _sub(text, r, " ")
-    words = re.sub(r"\b(" + "|".join(HEADER_WORDS) + r")\b", " ", text)
-    return " ".join(words.split())
+_HEADER_WORDS = re.compile(r"\b(" + "|".join(HEADER_WORDS) + r")\b")
+
+
+def _residue(text: str, data: Sequence[str], markup: re.Pattern | None) -> str:
+    """``text`` less the ``data`` strings (whole occurrences), ``markup`` matches, header words and blanks."""
+    for d in data:
+        if d:
+            text = _sub(text, d, " ")
+    if markup is not None:
+        text = markup.sub(" ", text)
+    return " ".join(_HEADER_WORDS.sub(" ", text).split())
 
 
 def _find(content: str, text: str) -> str | None:
@@ -236,7 +253,8 @@ def _template_text(rep: AuditReport, tokenizer, template: Template, convs: list[
     whose removal leaves the rendering unchanged. Moved: a content rendered inside another message
     (a system prompt folded into the first user turn).
     """
-    added_strings = sorted({t.content for t in tokenizer.added_tokens_decoder.values()}, key=len, reverse=True)
+    added = sorted({t.content for t in tokenizer.added_tokens_decoder.values() if t.content}, key=len, reverse=True)
+    markup = re.compile("|".join(map(re.escape, added))) if added else None  # one pass, longest first
     runs: list[tuple[int, int, list[int]]] = []  # conversation, message (-1: none), ids
     for ci, r in enumerate(rendered):
         start = 0
@@ -273,7 +291,7 @@ def _template_text(rep: AuditReport, tokenizer, template: Template, convs: list[
                 continue
         data = sorted(([(own[ci, m], m)] if msg is not None and own[ci, m] else []) + elsewhere.get(ci, []),
                       key=lambda fj: -len(fj[0]))
-        left = _residue(text, [f for f, _ in data] + added_strings)
+        left = _residue(text, [f for f, _ in data], markup)
         if not re.search(r"\w", left):
             if msg is None and all(t in control for t in ids):
                 markers.setdefault(text, set()).add(ci)
