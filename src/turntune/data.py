@@ -5,7 +5,7 @@ reported once with where (``file:line``, turn), which rule, and how to fix it.
 
 Files: ``.json`` is one document (a list of records, or one record; sources ``file:#i``, i
 0-based); anything else is JSONL, read line by line (one record per line, blank lines ignored,
-a UTF-8 BOM tolerated; sources ``file:line``, 1-based).
+a UTF-8 BOM tolerated at the start of any line; sources ``file:line``, 1-based).
 
 Record shapes, detected per record in ``auto`` mode (a mixed file is fine):
 
@@ -188,7 +188,7 @@ def _records(path: Path, name: str) -> Iterator[tuple[str, Any]]:
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, 1):
             source = f"{name}:{lineno}"
-            if lineno == 1 and raw.startswith(_BOM):
+            if raw.startswith(_BOM):  # any line: `cat a.jsonl b.jsonl` keeps b's BOM mid-file
                 raw = raw[len(_BOM):]
             try:
                 text = raw.decode("utf-8")
@@ -203,7 +203,7 @@ def _records(path: Path, name: str) -> Iterator[tuple[str, Any]]:
             except json.JSONDecodeError as e:
                 fix = ("the file ends mid-record: was it truncated? (remove the partial last line)"
                        if not raw.endswith(b"\n") else "fix the line; JSONL holds one JSON record per line")
-                yield source, DataError(f"not valid JSON: {e.msg} at column {e.colno} ({fix})",
+                yield source, DataError(f"not valid JSON: {_json_msg(e)} at column {e.colno} ({fix})",
                                         source=source, rule="bad_json")
             except (ValueError, RecursionError) as e:  # parses as JSON, but Python cannot hold it
                 yield source, DataError(_unreadable(e), source=source, rule="bad_json")
@@ -220,7 +220,7 @@ def _json_records(path: Path, name: str) -> Iterator[tuple[str, Any]]:
     except json.JSONDecodeError as e:
         fix = ("one record per line belongs in a .jsonl file" if e.msg == "Extra data"
                else "fix the JSON syntax")
-        raise DataError(f"not valid JSON: {e.msg} at column {e.colno} ({fix})",
+        raise DataError(f"not valid JSON: {_json_msg(e)} at column {e.colno} ({fix})",
                         source=f"{name}:{e.lineno}", rule="bad_json") from None
     except (ValueError, RecursionError) as e:
         raise DataError(_unreadable(e), source=name, rule="bad_json") from None
@@ -230,6 +230,11 @@ def _json_records(path: Path, name: str) -> Iterator[tuple[str, Any]]:
             yield f"{name}:#{i}", record
     else:
         yield f"{name}:#0", doc
+
+
+def _json_msg(e: json.JSONDecodeError) -> str:
+    """The parser's words, minus a dangling "at" ("Unterminated string starting at" + " at column")."""
+    return e.msg.removesuffix(" at")
 
 
 def _unreadable(e: Exception) -> str:
