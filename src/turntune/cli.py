@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from turntune.errors import TurntuneError
@@ -192,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one progress display: ours
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # raised inside PEFT
     args, extra = build_parser().parse_known_args(argv)
     overrides = [e for e in extra if e.startswith("--") and "." in e.split("=")[0]]
     unknown = [e for e in extra if e not in overrides]

@@ -100,7 +100,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     """Gradient clipping (0: off)."""
     autocast: Literal["auto", "bf16", "fp32"] = "auto"
-    """Compute precision: bf16 autocast (``auto``: where the hardware has it, CUDA with bf16 and CPU)
+    """Compute precision: bf16 autocast (``auto``: where the hardware runs bf16 natively: CUDA with bf16,
+    CPUs with AVX512-BF16/AMX)
     or plain float32 (``fp32``, for exactness checks)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
