@@ -208,7 +208,7 @@ def conversations(n: int, seed: int = 0, rounds: tuple[int, int] = (1, 8)) -> li
     return out
 
 
-def long_tailed(n: int, seed: int = 0, *, mid_share: float = 0.09, long_share: float = 0.01,
+def long_tailed(n: int, seed: int = 0, *, mid_share: float = 0.11, long_share: float = 0.01,
                 long_rounds: tuple[int, int] = (50, 300), long_paste: float = 0.002) -> list[Conversation]:
     """A long-tailed set: most conversations 1-8 rounds, ``mid_share`` 9-30 rounds and
     ``long_share`` ``long_rounds`` rounds; rarely a user pastes a document too long to fit.
