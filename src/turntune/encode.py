@@ -202,18 +202,22 @@ class _Encoder:
         self.sys = 1 if msgs and msgs[0].role == "system" else 0
         # A window or truncated history starts at a round: a user message (never inside a tool chain).
         self.round_starts = [i for i, m in enumerate(msgs) if m.role == "user" and i >= self.sys] or [self.sys]
-        counts = Counter(r.message)
-        self.msg_tok = [counts.get(i, 0) for i in range(len(msgs))]
-        self.overhead = counts.get(-1, 0) + sum(self.msg_tok[: self.sys])
-        self.cum = [0]
-        for c in self.msg_tok:
-            self.cum.append(self.cum[-1] + c)
+        self._cum = None
+
+    def _counts(self):
+        if self._cum is None:
+            counts = Counter(self.r.message)
+            self.msg_tok = [counts.get(i, 0) for i in range(len(self.conv.messages))]
+            self.overhead = counts.get(-1, 0) + sum(self.msg_tok[: self.sys])
+            self._cum = [0]
+            for c in self.msg_tok:
+                self._cum.append(self._cum[-1] + c)
 
     def run(self) -> list[Example]:
         rep, r, s = self.report, self.r, self.o.strategy
         rep.conversations += 1
         rep.replies += self.n
-        rep.reply_tokens += sum(1 for t in r.turn if t >= 0)
+        rep.reply_tokens += len(r.turn) - r.turn.count(-1)
         if s == "full":
             exs = [self._full()]
         elif not r.prefix_stable and s != "last":
@@ -243,6 +247,8 @@ class _Encoder:
     # -- building blocks ------------------------------------------------------------------------
     def _est(self, start: int, end: int) -> int:
         """Estimated tokens of the system prompt plus messages[start..end] rendered alone."""
+        self._counts()
+        self.cum = self._cum
         return self.overhead + self.cum[end + 1] - self.cum[start]
 
     def _render_slice(self, start: int, end: int) -> tuple[Rendered, list[int], int]:
@@ -284,6 +290,7 @@ class _Encoder:
         """
         out: list[Example] = []
         budget = int(self.o.history_fraction * self.limit)
+        self._counts()
         t = 0
         while t < self.n:
             rs = self._round_of(t)
@@ -324,16 +331,22 @@ class _Encoder:
         if cut:
             end = self.limit
         ids = r.input_ids[:end]
-        labels, turn = [IGNORE_INDEX] * end, [-1] * end
-        for i in range(1, end):  # position 0 has nothing before it to predict it from
-            t = r.turn[i]
-            if t in train:
-                labels[i], turn[i] = ids[i], t + t0
-        message = [keep[m] if m >= 0 else -1 for m in r.message[:end]]
+        if t0 == 0 and len(train) == len(r.turn_end):  # every turn of r: copy, no per-token test
+            turn = r.turn[:end]
+        else:
+            turn = [t + t0 if t in train else -1 for t in r.turn[:end]]
+        if end:
+            turn[0] = -1  # position 0 has nothing before it to predict it from
+        labels = [IGNORE_INDEX if t < 0 else x for x, t in zip(ids, turn)]
+        message = r.message[:end] if len(keep) == len(self.conv.messages) else [keep[m] if m >= 0 else -1 for m in r.message[:end]]
         seen = {}
-        for i, t in enumerate(turn):
-            if t >= 0 and t not in seen:
-                seen[t] = i
+        pos = 0
+        for t in sorted(train):  # first position of each turn, found by C-speed list.index
+            try:
+                pos = turn.index(t + t0, pos)
+            except ValueError:
+                continue
+            seen[t + t0] = pos
         trained_turns = set(seen)
         for t in train:
             if t + t0 not in trained_turns:
@@ -351,7 +364,7 @@ class _Encoder:
         elif cut:
             rep.replies_cut += sum(1 for t in trained_turns if r.turn_end[t - t0] > self.limit)
         rep.replies_trained += len(trained_turns)
-        rep.reply_tokens_trained += sum(1 for t in turn if t >= 0)
+        rep.reply_tokens_trained += end - turn.count(-1)
         for t in trained_turns:
             rep.history_seen.append(seen[t])
         return Example(ids, labels, turn, [0.0] * end, self.conv.source, self.n, message)
@@ -359,6 +372,10 @@ class _Encoder:
     def _weigh(self, exs: list[Example]) -> None:
         """Per-token weights: the loss of any batch is sum(w * loss) / sum(w)."""
         w = self.o.weighting
+        if w == "token":
+            for e in exs:
+                e.weight[:] = [0.0 if lab == IGNORE_INDEX else 1.0 for lab in e.labels]
+            return
         per_turn = Counter(t for e in exs for t, lab in zip(e.turn, e.labels) if lab != IGNORE_INDEX)
         total = sum(e.n_trained for e in exs)
         for e in exs:
@@ -371,3 +388,4 @@ class _Encoder:
                     e.weight[i] = 1.0 / per_turn[e.turn[i]]
                 else:
                     e.weight[i] = 1.0 / total
+

@@ -35,4 +35,4 @@ class Example:
 
     @property
     def n_trained(self) -> int:
-        return sum(1 for x in self.labels if x != IGNORE_INDEX)
+        return len(self.labels) - self.labels.count(IGNORE_INDEX)

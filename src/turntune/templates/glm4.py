@@ -68,18 +68,20 @@ class GLM4Template:
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
         self.ids: dict[str, int] = {}
-        vocab = tokenizer.get_vocab()
-        for tok in SPECIAL:
-            got = vocab.get(tok)
-            if got is None:
+        for tok in SPECIAL:  # per-token lookups: get_vocab() copies a 151k-entry dict
+            got = tokenizer.convert_tokens_to_ids(tok)
+            if got is None or tokenizer.convert_ids_to_tokens(got) != tok:
                 raise TemplateError(f"tokenizer has no GLM-4 special token {tok!r}; use template 'hf' "
                                     "(the tokenizer's own chat_template) for this model")
             self.ids[tok] = got  # ids may differ from glm-4-9b-chat's in a custom vocabulary
 
     @staticmethod
     def applies_to(tokenizer) -> bool:
-        vocab = tokenizer.get_vocab()
-        return all(t in vocab for t in ("[gMASK]", "<sop>", "<|assistant|>", "<|observation|>"))
+        for t in ("[gMASK]", "<sop>", "<|assistant|>", "<|observation|>"):
+            i = tokenizer.convert_tokens_to_ids(t)
+            if i is None or tokenizer.convert_ids_to_tokens(i) != t:
+                return False
+        return True
 
     # -- rendering --------------------------------------------------------------------------
     def _pieces(self, conv: Conversation) -> list[tuple[int, str, int, bool]]:
