@@ -23,4 +23,4 @@ test: install
 	$(PY) -m pytest
 
 bench: install
-	$(PY) bench/run_all.py
+	$(PY) bench/bench_batching.py && $(PY) bench/bench_encode.py && $(PY) bench/bench_windows.py && $(PY) bench/bench_train.py
