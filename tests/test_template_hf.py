@@ -513,6 +513,16 @@ def test_broken_template_fails_at_construction(chatml):
         HFTemplate(chatml, chat_template="{% for m in messages %}")
 
 
+def test_conversations_that_differ_only_in_words_share_one_analysis(llama3):
+    t = HFTemplate(llama3)
+    variants = [conv(("user", "Hi"), ("assistant", "Hello!")), conv(("user", " other words\n"), ("assistant", "\n More. ")),
+                conv(("user", "<|eot_id|> typed"), ("assistant", "x"))]
+    rendered = t.render_many(variants)
+    assert len(t._plans) == 1  # one shape: the template was analysed once, each conversation rendered once
+    assert [trained(llama3, r) for r in rendered] == [["Hello!<|eot_id|>"], ["More.<|eot_id|>"], ["x<|eot_id|>"]]
+    assert [text_of(llama3, r.input_ids) for r in rendered] == [hf_text(llama3, c) for c in variants]
+
+
 def test_render_many_equals_render_one_by_one(chatml, qwen25):
     convs = [BASIC, Conversation(BASIC.messages[1:], source="y"), conv(("user", "x"), ("assistant", "y")), BASIC]
     t = HFTemplate(chatml)

@@ -1,38 +1,34 @@
 """Any Hugging Face chat template → :class:`Rendered`, with the assistant spans found by construction.
 
-The *shape* of a conversation is everything but its words: roles, tool calls, tools, and where
-whitespace and non-special added tokens (``<think>``, ``<tool_call>``) sit in each content. Each
-run of words becomes a numbered sentinel, and the shape is analysed once (then cached) by
-rendering it and its prefixes with the template itself, in a Jinja sandbox:
+A conversation's *shape* is all but its words: roles, tool calls, tools, and where whitespace and
+non-special added tokens (``<think>``) sit in each content. Each run of words becomes a numbered
+sentinel; the shape is analysed once (then cached) by rendering it and its prefixes in a sandbox:
+``render(shape[:a], add_generation_prompt=True)`` ends where reply ``a`` starts,
+``render(shape[:j])`` where message ``j`` starts (``[:a+1]``: where reply a ends). What the template
+writes after a reply's last word, up to trailing whitespace, is its terminator; a template that
+writes none (GLM-4) ends the reply with the first token of what follows. A reply whose prefix
+renderings are not prefixes of the whole has no exact span: the conversation is not prefix-stable
+and the encoder renders its prefixes on their own. Each real conversation is rendered once and must
+equal its shape's rendering with the words put back; if the template does more to words than
+that, the real text gets the same analysis (slower, uncached).
 
-- ``render(shape[:a], add_generation_prompt=True)`` ends where reply ``a`` starts;
-- ``render(shape[:j])`` ends where message ``j`` starts, ``render(shape[:a+1])`` where reply a ends;
-- what the template writes after a reply's last word, up to trailing whitespace, is its terminator.
-  A template that writes none (GLM-4) ends a reply with the first token of what follows.
-
-A reply whose prefix renderings are not prefixes of the whole rendering has no exact span in it:
-the conversation is not prefix-stable, and the encoder renders its prefixes on their own. A real
-conversation is rendered once and must equal its shape's rendering with the words put back; a
-template that does more to words than that gets the same analysis on the real text (slower).
-
-Tokens: added tokens the template writes stay single ids; special-token text inside words is
-plain text. Pieces end at every reply start, terminator end and exact message start, so no token
-straddles one: the tokens of a prefix rendering are a prefix of the tokens (``expand`` slices
-them), and a generation prompt is tokenized on its own, as at inference.
+Tokens: added tokens the template writes stay single ids; special-token text in words is plain
+text. Pieces end at every reply start, terminator end and exact message start, so no token
+straddles one: a prefix rendering's tokens are a prefix of the tokens (``expand`` slices them),
+and the generation prompt is tokenized on its own, as at inference.
 """
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import os
 import re
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
 import jinja2
-import numpy as np
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -67,42 +63,28 @@ def compile_template(source: str) -> jinja2.Template:
         raise TemplateError(f"chat template does not compile: line {e.lineno}: {e.message}") from None
 
 
-@contextmanager
-def _specials_as_text(backend, on: bool) -> Iterator[None]:
-    """The Rust tokenizer has one switch for this (transformers flips it too): set it, put it back."""
-    saved = backend.encode_special_tokens
-    backend.encode_special_tokens = on
-    try:
-        yield
-    finally:
-        backend.encode_special_tokens = saved
-
-
 @dataclass(frozen=True, eq=False)
 class _Plan:
-    """A shape's rendering cut into pieces; piece i is ``text[points[i]:points[i+1]]``.
-
-    Per *unit* (a piece, or a separator between two text pieces, see :meth:`HFTemplate._encode`):
-    ``token`` (an added token's id, -1 for text), ``keep`` (False for separators), ``turn``,
-    ``message``, and where its tokens start: after the ``anchor``-th added token (+``offset``)."""
+    """A shape's rendering cut into pieces; piece i is ``text[points[i]:points[i+1]]``."""
 
     glue: tuple[str, ...]  # the text around the sentinels: glue[0] S glue[1] S ... glue[-1]
     words: tuple[int, ...]  # which word each sentinel stands for
     slot_len: tuple[int, ...]
     points: tuple[int, ...]
     slots_before: tuple[int, ...]  # per point: sentinels that end at or before it
-    seps: tuple[int, ...]  # indices of the points where a separator goes
-    token: np.ndarray
-    keep: np.ndarray
-    turn: np.ndarray
-    message: np.ndarray
-    anchor: np.ndarray
-    offset: np.ndarray
-    markers: np.ndarray  # token of each added-token unit and separator, in order
-    turn_end_unit: tuple[tuple[int, int], ...]  # per reply: the unit it ends with (-1: no exact span
-    #   here) and the separators before that unit
+    token: tuple[int, ...]  # per piece: the id of an added token the template wrote, -1: text
+    runs: tuple[tuple[int, int, int, int], ...]  # pieces p0..p1 share (turn, message)
+    turn_end_piece: tuple[int, ...]  # per reply: the piece it ends with; -1: no exact span here
     extra: tuple[int, int, int] | None  # (token, message, turn) appended: GLM-4's final terminator
     prefix_stable: bool
+    # Where each piece's tokens start in the whole rendering's tokens: after the anchor-th added
+    # token, plus offset. Two text pieces can meet (a reply start after "assistant\n"): the first
+    # must then tokenize alone as ``known`` (checked per conversation), or ``joinable`` is False.
+    anchor: tuple[int, ...]
+    offset: tuple[int, ...]
+    markers: tuple[int, ...]  # the added tokens, in order
+    known: tuple[tuple[int, list[int]], ...]
+    joinable: bool
 
 
 class HFTemplate:
@@ -127,8 +109,7 @@ class HFTemplate:
         self.tokenizer = tokenizer
         self._specials = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
         added = tokenizer.added_tokens_decoder
-        self._is_added = np.zeros(max([len(tokenizer), *added]) + 1, dtype=bool)
-        self._is_added[list(added)] = True
+        self._added = set(added)
 
         def union(tokens: list[str]) -> re.Pattern | None:  # a group: split() keeps what it splits on
             return re.compile("(" + "|".join(map(re.escape, sorted(tokens, key=len, reverse=True))) + ")") if tokens else None
@@ -137,10 +118,8 @@ class HFTemplate:
         # in content) and they encode the same either way. Special-token text is words: plain text.
         self._markers = union([t.content for t in added.values() if not t.special])
         self._special_text = union([t.content for t in added.values() if t.special])
-        # The separator of joined pieces (see _encode): a special token that takes no whitespace.
-        self._sep = next(((t.content, i) for i, t in sorted(added.items()) if t.special and not
-                          (t.lstrip or t.rstrip or t.single_word or t.normalized)), None)
         self._plans: dict[tuple, _Plan] = {}
+        self._renders: dict[tuple, str | None] = {}
         self._cache_size = cache_size
 
     # -- public -----------------------------------------------------------------------------
@@ -165,7 +144,7 @@ class HFTemplate:
             except TemplateError:
                 continue  # a template without tool calls
             end = r.input_ids[r.turn_end[0] - 1]
-            if self._is_added[end] and end not in out:
+            if end in self._added and end not in out:
                 out.append(end)
         return out
 
@@ -180,115 +159,132 @@ class HFTemplate:
         except Exception as e:  # a template is code: its TypeErrors and IndexErrors are its bugs
             raise TemplateError(f"{source}: the chat template failed ({type(e).__name__}: {e})") from None
 
-    def _try(self, msgs: list[dict], tools, gen: bool, source: str) -> str | None:
-        try:
-            return self._render(msgs, tools, gen, source)
-        except TemplateError:  # a template may refuse a prefix (say, one ending with a tool call)
-            return None
+    def _try(self, key: tuple, tools: tuple[str, list | None], gen: bool, source: str) -> str | None:
+        """The rendering of the messages ``key`` (see :meth:`_shape`), None if the template refuses
+        it (say, a prefix ending with a tool call). Memoized: shapes share their prefixes."""
+        memo = (key, tools[0], gen)
+        if memo not in self._renders:
+            if len(self._renders) >= 16 * self._cache_size:
+                self._renders.clear()
+            try:
+                self._renders[memo] = self._render(_messages(key), tools[1], gen, source)
+            except TemplateError:
+                self._renders[memo] = None
+        return self._renders[memo]
 
     def _shape(self, conv: Conversation) -> tuple[tuple, list[str]]:
-        """The conversation's shape (a hashable key, see :func:`_shape_messages`) and its words."""
+        """The conversation's shape as a hashable key, and its words."""
         words: list[str] = []
         markers = self._markers
 
         def hide(text: str) -> str:
-            if not text:
-                return text
-            if markers is None and not text[0].isspace() and not text[-1].isspace():
-                words.append(text)
-                return f"{_OPEN}{len(words) - 1}{_CLOSE}"
+            if markers is None or not text:
+                parts = [text]
+            else:
+                parts = markers.split(text)
             out = []
-            for i, part in enumerate(markers.split(text) if markers else [text]):
-                core = part.strip()
-                if i % 2 or not core:  # odd parts are markers; they and blanks stay as they are
+            for i, part in enumerate(parts):
+                if i % 2 or part.isspace() or not part:  # odd parts are markers; they and blanks stay
                     out.append(part)
-                    continue
-                lead = part[: len(part) - len(part.lstrip())]
-                out.append(f"{lead}{_OPEN}{len(words)}{_CLOSE}{part[len(part.rstrip()):]}")
-                words.append(core)
+                else:  # whitespace around words is not in the shape: a template may strip it (see _fill)
+                    out.append(f"{_OPEN}{len(words)}{_CLOSE}")
+                    words.append(part)
             return "".join(out)
 
-        key = tuple((m.role, hide(m.content), tuple((c.name, hide(c.arguments)) for c in m.tool_calls), m.name)
-                    for m in conv.messages)
-        return (key, json.dumps(conv.tools, sort_keys=True) if conv.tools else ""), words
+        return _key(conv, hide), words
 
     def _layout(self, conv: Conversation, gen: bool) -> tuple[_Plan, str, list[int], bool]:
         """The plan of the conversation's rendering, the rendering, where the plan's points fall
         in it, and whether its words hold special-token text."""
         key, words = self._shape(conv)
-        tools = list(conv.tools) or None
-        text = self._render(conv.to_hf(), tools, gen, conv.source)
-        plan = self._plans.get((key, gen))
+        tools = (json.dumps(conv.tools, sort_keys=True) if conv.tools else "", list(conv.tools) or None)
+        text = self._render(conv.to_hf(), tools[1], gen, conv.source)
+        plan, error = self._plans.get((key, tools[0], gen)), None
         if plan is None:
             try:
-                plan = self._build(_shape_messages(key[0]), tools, gen, conv.source, with_words=True)
-            except TemplateError:  # the template dislikes sentinels: the real conversation decides below
-                pass
+                plan = self._build(key, tools, gen, conv.source, with_words=True)
+            except TemplateError as e:  # say, the template dislikes sentinels: the real text decides below
+                error = e
             else:
                 if len(self._plans) >= self._cache_size:
                     self._plans.clear()
-                self._plans[(key, gen)] = plan
+                self._plans[(key, tools[0], gen)] = plan
         special = self._special_text is not None and any(self._special_text.search(w) for w in words)
         cum = _fill(plan, text, words) if plan is not None else None
         if cum is None:  # the template does more to words than this follows: analyse the real text
             if special:
-                raise TemplateError(f"{conv.source}: the chat template changes message text in a way turntune "
-                                    "cannot follow, and the text holds special-token strings whose place "
-                                    "then cannot be told exactly")
-            plan, cum = self._build(conv.to_hf(), tools, gen, conv.source, with_words=False), [0]
+                raise error or TemplateError(f"{conv.source}: the chat template changes message text in a way "
+                                             "turntune cannot follow, and the text holds special-token strings "
+                                             "whose place then cannot be told exactly")
+            plan, cum = self._build(_key(conv, str), tools, gen, conv.source, with_words=False), [0]
         return plan, text, [p + cum[b] for p, b in zip(plan.points, plan.slots_before)], special
 
     def _encode(self, laid: list[tuple[_Plan, str, list[int], bool]]) -> list[Rendered]:
-        """Tokenize every rendering in one call and label the tokens.
+        """Tokenize every rendering and label the tokens, in one tokenizer call (two if needed).
 
-        Usual case: the rendering is one string, tokenized with special tokens on, with a separator
-        token wherever two text pieces meet. The tokenizer splits at added tokens before anything
-        else, so each piece is tokenized alone, as the rendering is at inference except at those
-        points; the added tokens and separators then show where each piece's tokens start. Words
-        holding special-token text: each text piece alone, special tokens off (only those).
+        Usual case: each rendering is tokenized whole, as at inference; the tokenizer splits at
+        added tokens before anything else, so they show where each piece's tokens start. Where two
+        text pieces meet, the first must have tokenized as it does alone. Otherwise (a reply that
+        starts with whitespace, or words with special-token text), each text piece is tokenized
+        alone, special-token text as plain text.
         """
-        joined, alone = [], []
-        for plan, text, pos, special in laid:
-            if special or self._sep is None:
-                alone += [text[pos[i]:pos[i + 1]] for i, t in enumerate(plan.token[plan.keep]) if t < 0]
-            else:
-                cut = [0, *plan.seps, len(pos) - 1]
-                joined.append(self._sep[0].join(text[pos[a]:pos[b]] for a, b in zip(cut, cut[1:])))
-        done_joined, done_alone = iter(self._tokenize(joined, False)), iter(self._tokenize(alone, True))
-        out = []
+        whole = iter(self._tokenize([text for plan, text, _, special in laid if plan.joinable and not special], False))
+        done: list[tuple[list[int], list[int]] | None] = []
         for plan, _, _, special in laid:
-            bounds = np.empty(len(plan.token) + 1, dtype=np.int64)
-            if special or self._sep is None:
-                parts = [[t] if t >= 0 or not k else next(done_alone) for t, k in zip(plan.token.tolist(), plan.keep)]
-                ids = np.array([t for p in parts for t in p], dtype=np.int64)
-                bounds[0] = 0
-                np.cumsum([len(p) for p in parts], out=bounds[1:])
-            else:
-                ids = np.array(next(done_joined), dtype=np.int64)
-                at = np.flatnonzero(self._is_added[ids])
-                if len(at) != len(plan.markers) or (ids[at] != plan.markers).any():
-                    raise TemplateError("tokenizing a rendering did not give the added tokens its template wrote")
-                bounds[:-1] = np.append(at, -1)[plan.anchor] + plan.offset
-                bounds[-1] = len(ids)
-            out.append(_labelled(plan, ids, bounds))
+            done.append(None if special or not plan.joinable else self._bounds(plan, next(whole)))
+        alone = [text[pos[i]:pos[i + 1]] for (plan, text, pos, _), d in zip(laid, done) if d is None
+                 for i, t in enumerate(plan.token) if t < 0]
+        alone_ids = iter(self._tokenize(alone, True))
+        out = []
+        for (plan, _, _, _), d in zip(laid, done):
+            if d is None:
+                parts = [[t] if t >= 0 else next(alone_ids) for t in plan.token]
+                d = [t for p in parts for t in p], [0, *itertools.accumulate(len(p) for p in parts)]
+            out.append(_labelled(plan, *d))
         return out
 
-    def _tokenize(self, texts: list[str], specials_as_text: bool) -> list[list[int]]:
+    def _bounds(self, plan: _Plan, ids: list[int]) -> tuple[list[int], list[int]] | None:
+        """The tokens of a whole rendering and where each piece's start (and the end), if they fit."""
+        at, cur = [], 0
+        try:  # text pieces cannot hold added-token text (words with special text go alone)
+            for m in plan.markers:
+                cur = ids.index(m, cur)
+                at.append(cur)
+                cur += 1
+        except ValueError:
+            raise TemplateError("tokenizing a rendering did not give the added tokens its template wrote") from None
+        at.append(-1)  # anchor -1: no added token before, the piece starts at 0
+        bounds = [at[a] + o for a, o in zip(plan.anchor, plan.offset)] + [len(ids)]
+        if any(ids[bounds[i]:bounds[i] + len(known)] != known for i, known in plan.known):
+            return None  # a token straddles two pieces (say, a reply starting with a newline)
+        return ids, bounds
+
+    def _tokenize(self, texts: list[str], specials_as_text: bool, offsets: bool = False) -> list:
+        """One batch call. The Rust tokenizer has a single switch for special-token text (transformers
+        flips it per call too): set it for the call, then put it back."""
         if not texts:
             return []
-        with _specials_as_text(self._backend, specials_as_text):
-            return [e.ids for e in self._backend.encode_batch_fast(texts, add_special_tokens=False)]
+        backend, saved = self._backend, self._backend.encode_special_tokens
+        backend.encode_special_tokens = specials_as_text
+        try:
+            if offsets:
+                return backend.encode_batch(texts, add_special_tokens=False)
+            return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+        finally:
+            backend.encode_special_tokens = saved
 
     # -- the analysis of one shape ----------------------------------------------------------
-    def _build(self, msgs: list[dict], tools, gen: bool, source: str, with_words: bool) -> _Plan:
-        """Cut the rendering of ``msgs`` into labelled pieces (see the module docstring)."""
-        text = self._render(msgs, tools, gen, source)
+    def _build(self, msgs: tuple, tools: tuple[str, list | None], gen: bool, source: str, with_words: bool) -> _Plan:
+        """Cut the rendering of the messages ``msgs`` into labelled pieces (see the module docstring)."""
+        text = self._try(msgs, tools, gen, source)
+        if text is None:
+            text = self._render(_messages(msgs), tools[1], gen, source)  # raises the template's error
         found = list(_SLOT.finditer(text)) if with_words else []
         slots = [(m.start(), m.end()) for m in found]
         slot_end = {int(m.group(1)): m.end() for m in found}
         added = self._glue_tokens(text, slots)
         n = len(msgs)
-        asst = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+        asst = [i for i, m in enumerate(msgs) if m[0] == "assistant"]
         # Where message j starts, when exact (n: the end; a generation prompt follows it). The
         # generation prompt's plan gets the same cuts as the rendering's, so the same tokens.
         whole = self._try(msgs, tools, False, source) if gen else text
@@ -334,42 +330,46 @@ class HFTemplate:
             raise TemplateError(f"{source}: cannot find the exact span of the final reply: {why}")
         cuts = {0, len(text)} | {p for s, (e, _) in added.items() for p in (s, e)}
         points = sorted(cuts | {p for p in exact if p is not None} | {p for sp in spans if sp for p in sp})
-        units, seps = [], []  # (token, keep, message, turn), as in _Plan
+        token, runs = [], []  # runs: [first piece, end piece, turn, message]
         for i, (s, e) in enumerate(zip(points, points[1:])):
             if (s in added and added[s][0] != e) or any(a < s < b or a < e < b for a, b in slots):
                 raise TemplateError(f"{source}: a reply or message boundary falls inside a token or a word")
             turn = next((k for k, sp in enumerate(spans) if sp and sp[0] <= s and e <= sp[1]), -1)
             msg = asst[turn] if turn >= 0 else max((j for j in range(n) if label[j] <= s), default=-1)
-            if units and units[-1][0] < 0 and s not in added:  # two text pieces meet
-                units.append((self._sep[1] if self._sep else -2, False, msg, -1))
-                seps.append(i)
-            units.append((added[s][1] if s in added else -1, True, msg, turn))
-        if not units:
+            token.append(added[s][1] if s in added else -1)
+            if runs and runs[-1][2:] == [turn, msg]:
+                runs[-1][1] = i + 1
+            else:
+                runs.append([i, i + 1, turn, msg])
+        if not token:
             raise TemplateError(f"{source}: the chat template renders this conversation as nothing")
-        token, keep, message, turn = (np.array(x) for x in zip(*units))
-        is_marker = token >= 0
-        markers_before = np.cumsum(is_marker) - is_marker  # added tokens and separators before each unit
-        ends = [max((u for u in range(len(units)) if turn[u] == k), default=-1) for k in range(len(spans))]
+        meets = [i for i in range(len(token) - 1) if token[i] < 0 and token[i + 1] < 0]  # two text pieces
+        fixed = [i for i in meets if not any(points[i] < b and a < points[i + 1] for a, b in slots)]
+        known = dict(zip(fixed, self._tokenize([text[points[i]:points[i + 1]] for i in fixed], False)))
+        marker = [t >= 0 for t in token]
+        before = list(itertools.accumulate(marker, initial=0))  # added tokens before each piece
+        offset = [0 if m else 1 for m in marker]
+        for i in meets:  # the next piece starts after this one's tokens
+            offset[i + 1] = offset[i] + len(known.get(i, ()))
+        ends = [max((r[1] - 1 for r in runs if r[2] == k), default=-1) for k in range(len(spans))]
         glue = [text[a:b] for a, b in zip([0] + [e for _, e in slots], [s for s, _ in slots] + [len(text)])]
-        return _Plan(
-            tuple(glue), tuple(int(m.group(1)) for m in found), tuple(e - s for s, e in slots), tuple(points),
-            tuple(sum(1 for _, e in slots if e <= p) for p in points), tuple(seps), token, keep, turn, message,
-            np.where(is_marker, markers_before, markers_before - 1), (~is_marker).astype(np.int64), token[is_marker],
-            tuple((-1 if u < 0 or extra and extra[2] == k else u, int((~keep[:u + 1]).sum())) for k, u in enumerate(ends)),
-            extra,
-            not gen and all(sp is not None for sp in spans))
+        return _Plan(tuple(glue), tuple(int(m.group(1)) for m in found), tuple(e - s for s, e in slots),
+                     tuple(points), tuple(sum(1 for _, e in slots if e <= p) for p in points), tuple(token),
+                     tuple(map(tuple, runs)), tuple(-1 if extra and extra[2] == k else i for k, i in enumerate(ends)),
+                     extra, not gen and all(sp is not None for sp in spans),
+                     tuple(b - (not m) for b, m in zip(before, marker)), tuple(offset),
+                     tuple(t for t in token if t >= 0), tuple(known.items()), len(known) == len(meets))
 
     def _glue_tokens(self, text: str, slots: list[tuple[int, int]]) -> dict[int, tuple[int, int]]:
         """Added tokens the template wrote, ``{start: (end, id)}``, matched by the tokenizer's own
         rules on each stretch of text between words (words may hold special-token text)."""
         edges = [0] + [p for s, e in slots for p in (s, e)] + [len(text)]
         runs = [(a, b) for a, b in zip(edges[::2], edges[1::2]) if a < b]
-        with _specials_as_text(self._backend, False):
-            encs = self._backend.encode_batch([text[a:b] for a, b in runs], add_special_tokens=False)
+        encs = self._tokenize([text[a:b] for a, b in runs], False, offsets=True)
         return {a + s: (a + e, t) for (a, _), enc in zip(runs, encs)
-                for t, (s, e) in zip(enc.ids, enc.offsets) if self._is_added[t]}
+                for t, (s, e) in zip(enc.ids, enc.offsets) if t in self._added}
 
-    def _first_start(self, msgs: list[dict], tools, text: str, source: str) -> int:
+    def _first_start(self, msgs: tuple, tools: tuple[str, list | None], text: str, source: str) -> int:
         """Where message 0's own text starts; what comes before (BOS, ``[gMASK]<sop>``, a default
         system prompt) belongs to no message. Its own text is what a second copy of it adds."""
         one, two = self._try(msgs[:1], tools, False, source), self._try(msgs[:1] * 2, tools, False, source)
@@ -377,64 +377,66 @@ class HFTemplate:
             own = two[len(one):]
             if text.startswith(one) and one.endswith(own):
                 return len(one) - len(own)
-        bare = self._try([], None, False, source)
+        bare = self._try((), ("", None), False, source)
         return len(bare) if bare is not None and text.startswith(bare) else 0
 
-    def _next_role_token(self, msgs: list[dict], tools, text: str, source: str) -> int | None:
+    def _next_role_token(self, msgs: tuple, tools: tuple[str, list | None], text: str, source: str) -> int | None:
         """The added token a following message starts with (a tool result after a tool call)."""
-        role = "tool" if msgs[-1].get("tool_calls") else "user"
-        longer = self._try(msgs + [{"role": role, "content": "x"}], tools, False, source)
+        longer = self._try(msgs + (("tool" if msgs[-1][2] else "user", "x", (), None),), tools, False, source)
         if longer is None or not longer.startswith(text) or len(longer) == len(text):
             return None
         added = self._glue_tokens(longer[len(text):], [])
         return added[0][1] if 0 in added else None
 
 
-def _labelled(plan: _Plan, ids: np.ndarray, bounds: np.ndarray) -> Rendered:
-    """The tokens of one rendering labelled unit by unit (unit u has ``ids[bounds[u]:bounds[u+1]]``);
-    the separators (one token each) dropped."""
-    counts = bounds[1:] - bounds[:-1]
-    turn, message = np.repeat(plan.turn, counts), np.repeat(plan.message, counts)
-    if len(plan.seps):
-        keep = np.ones(len(ids), dtype=bool)
-        keep[bounds[:-1][~plan.keep]] = False
-        ids, turn, message = ids[keep], turn[keep], message[keep]
-    input_ids, turn, message = ids.tolist(), turn.tolist(), message.tolist()
-    turn_end = [int(bounds[u + 1]) - d if u >= 0 else -1 for u, d in plan.turn_end_unit]
+def _key(conv: Conversation, hide) -> tuple:
+    """The messages as a hashable tuple, ``hide`` applied to the words (content, call arguments)."""
+    return tuple((m.role, hide(m.content), tuple((c.name, hide(c.arguments)) for c in m.tool_calls), m.name)
+                 for m in conv.messages)
+
+
+def _messages(key: tuple) -> list[dict]:
+    """Messages in the Hugging Face form, as :meth:`Conversation.to_hf` writes them."""
+    return [{"role": r, "content": c, **({"tool_calls": [{"type": "function", "function": {"name": f, "arguments": a}}
+                                                         for f, a in calls]} if calls else {}),
+             **({"name": name} if name is not None else {})} for r, c, calls, name in key]
+
+
+def _labelled(plan: _Plan, ids: list[int], bounds: list[int]) -> Rendered:
+    """The tokens of one rendering (piece i has ``ids[bounds[i]:bounds[i+1]]``), labelled."""
+    turn, message = [], []
+    for p0, p1, t, m in plan.runs:
+        turn += [t] * (bounds[p1] - bounds[p0])
+        message += [m] * (bounds[p1] - bounds[p0])
+    turn_end = [bounds[i + 1] if i >= 0 else -1 for i in plan.turn_end_piece]
     if plan.extra is not None:
-        input_ids.append(plan.extra[0])
+        ids = ids + [plan.extra[0]]
         message.append(plan.extra[1])
         turn.append(plan.extra[2])
-        turn_end[plan.extra[2]] = len(input_ids)
-    return Rendered(input_ids, turn, message, turn_end, plan.prefix_stable)
-
-
-def _shape_messages(key: tuple) -> list[dict]:
-    """The shape key as messages in the Hugging Face form (the same form as ``Conversation.to_hf``)."""
-    out = []
-    for role, content, calls, name in key:
-        d: dict = {"role": role, "content": content}
-        if calls:
-            d["tool_calls"] = [{"type": "function", "function": {"name": c, "arguments": a}} for c, a in calls]
-        if name is not None:
-            d["name"] = name
-        out.append(d)
-    return out
+        turn_end[plan.extra[2]] = len(ids)
+    return Rendered(ids, turn, message, turn_end, plan.prefix_stable)
 
 
 def _fill(plan: _Plan, text: str, words: list[str]) -> list[int] | None:
-    """If ``text`` is the plan's rendering with the words put back (as they are, or JSON-escaped
-    for a template that writes ``| tojson``), the length change after each sentinel; else None."""
+    """If ``text`` is the plan's rendering with the words put back (as they are, stripped the ways
+    templates strip content, or JSON-escaped for ``| tojson``), the length change after each
+    sentinel; else None. Exact either way: the text must match, character for character."""
     glue = plan.glue
+    put = [words[w] for w in plan.words]
+    if len(text) == len(glue[0]) + sum(map(len, plan.glue[1:])) + sum(map(len, put)) and \
+            text == "".join(itertools.chain.from_iterable(zip(glue, put))) + glue[-1]:  # the usual case, at C speed
+        return [0, *itertools.accumulate(len(w) - n for w, n in zip(put, plan.slot_len))]
     if not text.startswith(glue[0]):
         return None
     pos, cum = len(glue[0]), [0]
     for i, w in enumerate(plan.words):
-        word, after = words[w], glue[i + 1]
-        if not (text.startswith(word, pos) and text.startswith(after, pos + len(word))):
-            word = json.dumps(word, ensure_ascii=False)[1:-1]
-            if not (text.startswith(word, pos) and text.startswith(after, pos + len(word))):
-                return None
+        raw, after = words[w], glue[i + 1]
+        for word in (raw, raw.strip(), raw.strip("\n"), raw.lstrip("\n"), raw.rstrip("\n"),
+                     json.dumps(raw, ensure_ascii=False)[1:-1]):
+            if text.startswith(word, pos) and text.startswith(after, pos + len(word)):
+                break
+        else:
+            return None
         cum.append(cum[-1] + len(word) - plan.slot_len[i])
         pos += len(word) + len(after)
     return cum if pos == len(text) else None
