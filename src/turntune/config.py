@@ -17,6 +17,17 @@ import yaml
 from turntune.errors import ConfigError
 
 
+def _require(section: str, obj: object, **rules: tuple[bool, str]) -> None:
+    """Range checks at load time, so a bad value is named before anything runs."""
+    for name, (ok, need) in rules.items():
+        if not ok:
+            raise ConfigError(f"{section}.{name}: {getattr(obj, name)!r} is out of range ({need})")
+
+
+def _finite(x: float) -> bool:
+    return x == x and x not in (float("inf"), float("-inf"))
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     path: str = "builtin:smollm2"
@@ -60,6 +71,10 @@ class DataConfig:
     packing: bool = True
     """Pack several examples per row (no attention or label across examples)."""
 
+    def __post_init__(self) -> None:
+        _require("data", self, max_length=(self.max_length >= 8, "at least 8"),
+                 history_fraction=(0 <= self.history_fraction < 1, "0 <= x < 1"))
+
 
 @dataclass(frozen=True)
 class LoraConfig:
@@ -71,6 +86,10 @@ class LoraConfig:
     """Dropout on the adapter input."""
     target_modules: tuple[str, ...] = ()
     """Module names to adapt; empty: attention projections of the architecture (q/k/v/o)."""
+
+    def __post_init__(self) -> None:
+        _require("lora", self, r=(self.r >= 1, "at least 1"), alpha=(self.alpha > 0, "positive"),
+                 dropout=(0 <= self.dropout < 1, "0 <= x < 1"))
 
 
 @dataclass(frozen=True)
@@ -117,6 +136,20 @@ class TrainConfig:
     """Print one line every N steps."""
     nonfinite: Literal["stop", "skip"] = "stop"
     """On a NaN/inf loss or gradient: stop naming the step, or skip the step and count it."""
+
+    def __post_init__(self) -> None:
+        _require("train", self,
+                 lr=(_finite(self.lr) and self.lr > 0, "a positive number"),
+                 max_steps=(self.max_steps >= 0, "0 or more"),
+                 epochs=(_finite(self.epochs) and self.epochs >= 0, "0 or more"),
+                 micro_batch_tokens=(self.micro_batch_tokens >= 1, "at least 1"),
+                 grad_accum=(self.grad_accum >= 1, "at least 1"),
+                 warmup_steps=(self.warmup_steps >= 0, "0 or more"),
+                 min_lr_ratio=(0 <= self.min_lr_ratio <= 1, "0 <= x <= 1"),
+                 weight_decay=(_finite(self.weight_decay) and self.weight_decay >= 0, "0 or more"),
+                 max_grad_norm=(_finite(self.max_grad_norm) and self.max_grad_norm >= 0, "0 (off) or more"),
+                 eval_every=(self.eval_every >= 0, "0 or more"), save_every=(self.save_every >= 0, "0 or more"),
+                 keep_last=(self.keep_last >= 1, "at least 1"), log_every=(self.log_every >= 1, "at least 1"))
 
 
 @dataclass(frozen=True)

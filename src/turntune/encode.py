@@ -270,7 +270,8 @@ class _Encoder:
             return self._make(r, r.turn_end[k], {k}, 0, list(range(len(self.conv.messages))))
         end = self.asst[k]
         # Candidate starts, most history first; the last one keeps only reply k's own round.
-        starts = [s for s in self.round_starts if s <= self._round_of(k)]
+        rk = self._round_of(k)  # a reply before the first user turn (a greeting) has round `sys`
+        starts = [s for s in self.round_starts if s < rk] + [rk]
         for start in starts:
             final = start == starts[-1]
             if not final and self._est(start, end) > self.limit:

@@ -182,6 +182,16 @@ def check_output_dir(out: Path, need_gb: float = 1.0) -> None:
                           f"checkpoints need about {need_gb:.1f} GiB")
 
 
+def _save(out: Path, step: int, model, optimizer, scheduler, cfg: Config, d: Dist) -> None:
+    """A checkpoint, or a clean error: a failed write (disk full) never touches the previous one."""
+    try:
+        ckpt.save(out, step, model, optimizer, scheduler, keep_last=cfg.train.keep_last, d=d)
+    except OSError as e:
+        raise TurntuneError(f"train.output_dir: writing the checkpoint of step {step} in {out} failed: "
+                            f"{e.strerror or e}; the previous checkpoint ({ckpt.latest(out)}) is intact, "
+                            "free space and continue with --resume") from None
+
+
 @dataclass
 class TrainResult:
     output_dir: Path
@@ -355,15 +365,19 @@ def train(cfg: Config, *, resume: bool = False) -> TrainResult:
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total:
             run_eval(f"at step {step}")
         if cfg.train.save_every and step % cfg.train.save_every == 0 and step < total:
-            ckpt.save(out, step, model, optimizer, scheduler, keep_last=cfg.train.keep_last, d=d)
+            _save(out, step, model, optimizer, scheduler, cfg, d)
     if bar is not None:
         bar.close()
     log(f"trained {step - start} steps in {time.time() - t_start:.0f}s; skipped non-finite steps: {skipped}")
     eval_after = run_eval("after training")
-    ckpt.save(out, step, model, optimizer, scheduler, keep_last=cfg.train.keep_last, d=d)
+    _save(out, step, model, optimizer, scheduler, cfg, d)
     final = out / "final"
     if d.main:
-        ckpt.save_final(final, model, tokenizer, cfg)
+        try:
+            ckpt.save_final(final, model, tokenizer, cfg)
+        except OSError as e:
+            raise TurntuneError(f"train.output_dir: cannot write the result to {final}: {e.strerror or e}; "
+                                f"the last checkpoint ({ckpt.latest(out)}) is intact") from None
         from turntune.plot import plot_losses
 
         png = plot_losses(out / "metrics.jsonl", out / "loss.png")
