@@ -508,6 +508,16 @@ def test_sandbox_refuses_unsafe_templates(chatml, source):
         t.render(conv(("user", "Hi"), ("assistant", "Hello")))
 
 
+def test_generation_markers_are_rendered_as_they_are(chatml):
+    marked = ("{% for m in messages %}{{ '<|im_start|>' + m.role + '\n' }}{% if m.role == 'assistant' %}"
+              "{% generation %}{{ m.content + '<|im_end|>' }}{% endgeneration %}{% else %}{{ m.content + '<|im_end|>' }}"
+              "{% endif %}{{ '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    c = conv(("user", "Hi"), ("assistant", "Hello!"))
+    r = HFTemplate(chatml, chat_template=marked).render(c)
+    assert text_of(chatml, r.input_ids) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n"
+    assert trained(chatml, r) == ["Hello!<|im_end|>"]
+
+
 def test_broken_template_fails_at_construction(chatml):
     with pytest.raises(TemplateError, match="does not compile: line 1"):
         HFTemplate(chatml, chat_template="{% for m in messages %}")
@@ -529,3 +539,65 @@ def test_render_many_equals_render_one_by_one(chatml, qwen25):
     assert [vars(r) for r in t.render_many(convs)] == [vars(HFTemplate(chatml).render(c)) for c in convs]
     t = HFTemplate(qwen25)
     assert [vars(r) for r in t.render_many([TOOLS, BASIC])] == [vars(t.render(TOOLS)), vars(t.render(BASIC))]
+
+
+# -- against a brute-force oracle: transformers' own rendering of every prefix ---------------------
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+PIECES = ["Hi", "yes", " ", "  ", "\n", "\n\n", "x=1;", "é", "日本", "<|im_end|>", "<|eot_id|>", "[INST]", "</s>",
+          "<|user|>", "<|assistant|>", "<think>", "</think>", "<tool_call>"]
+text_st = st.lists(st.sampled_from(PIECES), min_size=1, max_size=6).map("".join)
+
+
+@st.composite
+def chats(draw, tools: bool):
+    msgs = [("system", draw(text_st))] if draw(st.booleans()) else []
+    for _ in range(draw(st.integers(1, 3))):
+        msgs.append(("user", draw(text_st)))
+        if tools and draw(st.integers(0, 3)) == 0:
+            msgs += [("assistant", "", ("get_weather", ARGS)), ("tool", draw(text_st))]
+        msgs.append(("assistant", draw(text_st)))
+    return conv(*msgs, tools=[WEATHER] if tools else [])
+
+
+def oracle_targets(tok, c: Conversation, glm: bool) -> list[str]:
+    """Reply k's target text from transformers' renderings: what rendering reply k adds after the
+    generation prompt, up to trailing whitespace; GLM-4: all of it, then the next role token."""
+    out = []
+    for a in c.assistant_indices:
+        prompt = hf_text(tok, Conversation(c.messages[:a], c.tools), gen=True)
+        upto = hf_text(tok, Conversation(c.messages[: a + 1], c.tools))
+        assert upto.startswith(prompt)
+        reply = upto[len(prompt):]
+        if glm:
+            nxt = c.messages[a + 1].role if a + 1 < len(c.messages) else ("tool" if c.messages[a].tool_calls else "user")
+            out.append(reply + ("<|observation|>" if nxt == "tool" else "<|user|>"))
+        else:
+            out.append(reply.rstrip())
+    return out
+
+
+@pytest.mark.parametrize("name", ["chatml", "qwen25", "llama3", "mistral", "glm4"])
+def test_random_conversations_match_the_oracle(request, name):
+    tok = request.getfixturevalue(name)
+    t = HFTemplate(tok)
+    specials = {i for i, a in tok.added_tokens_decoder.items() if a.special}
+
+    @settings(max_examples=25, derandomize=True, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow])
+    @given(c=chats(tools=name in ("qwen25", "glm4")))
+    def check(c):
+        r = t.render(c)
+        whole = hf_text(tok, c)
+        assert text_of(tok, r.input_ids) == whole + ("<|user|>" if name == "glm4" else "")
+        assert trained(tok, r) == oracle_targets(tok, c, glm=name == "glm4")
+        # control tokens only where the template writes them: as many as with the typed ones removed
+        plain = conv(*[(m.role, "".join(ch for ch in m.content if ch not in "<|>[]/"),
+                        *[(x.name, x.arguments) for x in m.tool_calls]) for m in c.messages],
+                     tools=c.tools)
+        count = lambda ids: sum(1 for i in ids if i in specials)  # noqa: E731
+        assert count(r.input_ids) == count(t.render(plain).input_ids)
+        check_prefixes(t, c)
+
+    check()

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import jinja2
+import jinja2.ext
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -49,11 +50,22 @@ def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
+class _Generation(jinja2.ext.Extension):
+    """``{% generation %}...{% endgeneration %}``, transformers' marker of assistant text: rendered
+    as it is (the spans here are found by construction, markers or not)."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        next(parser.stream)
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+
 @functools.lru_cache(maxsize=32)
 def compile_template(source: str) -> jinja2.Template:
     """Compile a chat template in an immutable sandbox (templates ship with model folders: untrusted
     code), in transformers' dialect: trimmed blocks, loop controls, ``raise_exception``, ``strftime_now``."""
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, _Generation])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -292,12 +304,14 @@ class HFTemplate:
         label = [0] * n + [len(text)]  # message starts for labels: exact, else the best estimate
         label[0] = self._first_start(msgs, tools, text, source)
         for j in range(1, n):
-            prefix = self._try(msgs[:j], tools, False, source)
-            label[j] = label[j - 1]
-            if prefix is not None and text.startswith(prefix):
+            prefix = self._try(msgs[:j], tools, False, source) or ""
+            if text.startswith(prefix) and prefix:
                 exact[j] = label[j] = len(prefix)
-            elif prefix and (last := list(_SLOT.finditer(prefix))) and int(last[-1].group(1)) in slot_end:
-                # estimate: message j-1's last word and what the template writes after it when last
+                continue
+            # Estimates: where the prefix rendering parts from the whole one, or later, message j-1's
+            # last word and what the template writes after it when it is last (history it rewrites).
+            label[j] = max(label[j - 1], len(os.path.commonprefix([prefix, text])))
+            if (last := list(_SLOT.finditer(prefix))) and int(last[-1].group(1)) in slot_end:
                 end, tail = slot_end[int(last[-1].group(1))], prefix[last[-1].end():]
                 label[j] = max(label[j], end + len(os.path.commonprefix([tail, text[end:end + len(tail)]])))
         spans: list[tuple[int, int] | None] = []
