@@ -500,6 +500,19 @@ def test_template_without_end_of_turn_token_is_refused(chatml):
         HFTemplate(chatml, chat_template=plain).render(conv(("user", "Hi"), ("assistant", "Hello")))
 
 
+def test_generation_prompt_the_rendering_does_not_have_is_refused(qwen3):
+    # DeepSeek-R1's layout: the prompt opens a think block that the rendered history never has, so no
+    # reply has a span that both the rendering and inference agree on
+    r1 = ("{% for m in messages %}{% if m.role == 'user' %}{{ '<|im_start|>user\\n' + m.content + '<|im_end|>' }}"
+          "{% else %}{{ '<|im_start|>assistant\\n' + m.content.split('</think>')[-1] + '<|im_end|>' }}{% endif %}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n<think>\\n' }}{% endif %}")
+    c = conv(("user", "Q"), ("assistant", "<think>\nr\n</think>\n\nA"))
+    with pytest.raises(TemplateError, match=r"t\.jsonl:7: cannot find the exact span of the final reply: .* the "
+                                            r"generation prompt reads '<think>\\n' where the reply's rendering reads "
+                                            r"'\\n\\nA<\|im_end\|>'"):
+        HFTemplate(qwen3, chat_template=r1).render(c)
+
+
 @pytest.mark.parametrize("source", ["{{ ''.__class__.__mro__ }}", "{{ cycler.__init__.__globals__ }}",
                                     "{% set x = messages.append(1) %}{{ x }}"])
 def test_sandbox_refuses_unsafe_templates(chatml, source):

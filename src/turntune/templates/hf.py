@@ -323,6 +323,10 @@ class HFTemplate:
                 spans.append(None)
                 why = "the renderings up to it (with the generation prompt) and ending with it are not both " \
                       "prefixes of the whole rendering"
+                if prompt is not None and not text.startswith(prompt):  # say, a prompt ending in '<think>\n'
+                    i = len(os.path.commonprefix([prompt, text]))
+                    why += f": the generation prompt reads {prompt[i:i + 24]!r} where the reply's rendering " \
+                           f"reads {text[i:i + 24]!r}"
                 continue
             stop = start + len(text[start:end].rstrip())
             if with_words:  # closed: the template writes something after the reply's last word
