@@ -1,21 +1,22 @@
 """Any Hugging Face chat template → :class:`Rendered`, with the assistant spans found by construction.
 
-A conversation's *shape* is all but its words: roles, tool calls, tools, and where whitespace and
-non-special added tokens (``<think>``) sit in each content. Each run of words becomes a numbered
-sentinel; the shape is analysed once (then cached) by rendering it and its prefixes in a sandbox:
-``render(shape[:a], add_generation_prompt=True)`` ends where reply ``a`` starts,
-``render(shape[:j])`` where message ``j`` starts (``[:a+1]``: where reply a ends). What the template
-writes after a reply's last word, up to trailing whitespace, is its terminator; a template that
-writes none (GLM-4) ends the reply with the first token of what follows. A reply whose prefix
+A conversation's *shape* is all but its words: roles, tool calls, tools, and where non-special
+added tokens (``<think>``) and blank runs sit in each content. Each run of words becomes a numbered
+sentinel; a shape is analysed once (then cached) by rendering it and its prefixes with the
+template, in a sandbox: ``render(shape[:a], add_generation_prompt=True)`` ends where reply ``a``
+starts, ``render(shape[:j])`` where message ``j`` starts (``[:a+1]``: where reply a ends). What the
+template writes after a reply's last word, up to trailing whitespace, is its terminator; a template
+that writes none (GLM-4) ends the reply with the first token of what follows. A reply whose prefix
 renderings are not prefixes of the whole has no exact span: the conversation is not prefix-stable
 and the encoder renders its prefixes on their own. Each real conversation is rendered once and must
-equal its shape's rendering with the words put back; if the template does more to words than
-that, the real text gets the same analysis (slower, uncached).
+equal its shape's rendering with the words put back (as they are, stripped, or JSON-escaped); if
+the template does more to words than that, the real text gets the same analysis (slower).
 
-Tokens: added tokens the template writes stay single ids; special-token text in words is plain
-text. Pieces end at every reply start, terminator end and exact message start, so no token
-straddles one: a prefix rendering's tokens are a prefix of the tokens (``expand`` slices them),
-and the generation prompt is tokenized on its own, as at inference.
+Tokens: each rendering is tokenized whole, as at inference; added tokens the template writes are
+single ids and show where each piece's tokens start, special-token text in words stays plain text.
+Pieces end at every reply start, terminator end and exact message start, and no token may straddle
+one (checked, else the pieces are tokenized apart): a prefix rendering's tokens are a prefix of the
+tokens (``expand`` slices them), and a generation prompt tokenizes as it does at inference.
 """
 from __future__ import annotations
 
@@ -101,6 +102,8 @@ class _Plan:
 
 class HFTemplate:
     """A tokenizer's Jinja ``chat_template`` (or the one given), with exact reply spans.
+
+    Caches the analysis of each conversation shape; not thread-safe (one instance per worker).
 
     >>> t = HFTemplate(AutoTokenizer.from_pretrained(folder))   # doctest: +SKIP
     >>> r = t.render(conversation)   # r.turn[i] == k on reply k's text and terminator
