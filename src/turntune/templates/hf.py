@@ -20,9 +20,11 @@ tokens (``expand`` slices them), and a generation prompt tokenizes as it does at
 """
 from __future__ import annotations
 
+import bisect
 import functools
 import itertools
 import json
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -309,7 +311,7 @@ class HFTemplate:
         for j in range(1, n):
             prefix = self._try(msgs[:j], tools, False, source) or ""
             if text.startswith(prefix) and prefix:
-                exact[j] = label[j] = len(prefix)
+                exact[j], label[j] = len(prefix), max(label[j - 1], len(prefix))
                 continue
             # Estimates: where the prefix rendering parts from the whole one, or later, message j-1's
             # last word and what the template writes after it when it is last (history it rewrites).
@@ -351,34 +353,41 @@ class HFTemplate:
             raise TemplateError(f"{source}: cannot find the exact span of the final reply: {why}")
         cuts = {0, len(text)} | {p for s, (e, _) in added.items() for p in (s, e)}
         points = sorted(cuts | {p for p in exact if p is not None} | {p for sp in spans if sp for p in sp})
-        token, runs = [], []  # runs: [first piece, end piece, turn, message]
+        slot_start, slot_stop = [a for a, _ in slots], [b for _, b in slots]
+        before = [bisect.bisect_right(slot_stop, p) for p in points]  # sentinels ending at or before each point
+        if any(i < len(slots) and slot_start[i] < p for p, i in zip(points, before)):
+            raise TemplateError(f"{source}: a reply or message boundary falls inside a word")
+        exact_spans = [(sp[0], sp[1], k) for k, sp in enumerate(spans) if sp]
+        token, runs, last = [], [], [-1] * len(spans)  # runs: [first piece, end piece, turn, message]
         for i, (s, e) in enumerate(zip(points, points[1:])):
-            if (s in added and added[s][0] != e) or any(a < s < b or a < e < b for a, b in slots):
-                raise TemplateError(f"{source}: a reply or message boundary falls inside a token or a word")
-            turn = next((k for k, sp in enumerate(spans) if sp and sp[0] <= s and e <= sp[1]), -1)
-            msg = asst[turn] if turn >= 0 else max((j for j in range(n) if label[j] <= s), default=-1)
+            if s in added and added[s][0] != e:
+                raise TemplateError(f"{source}: a reply or message boundary falls inside a token")
+            sp = exact_spans[bisect.bisect_right(exact_spans, (s, math.inf)) - 1] if exact_spans else (0, -1, -1)
+            turn = sp[2] if sp[0] <= s and e <= sp[1] else -1
+            msg = asst[turn] if turn >= 0 else bisect.bisect_right(label, s, 0, n) - 1
             token.append(added[s][1] if s in added else -1)
             if runs and runs[-1][2:] == [turn, msg]:
                 runs[-1][1] = i + 1
             else:
                 runs.append([i, i + 1, turn, msg])
+            if turn >= 0:
+                last[turn] = i
         if not token:
             raise TemplateError(f"{source}: the chat template renders this conversation as nothing")
         meets = [i for i in range(len(token) - 1) if token[i] < 0 and token[i + 1] < 0]  # two text pieces
-        fixed = [i for i in meets if not any(points[i] < b and a < points[i + 1] for a, b in slots)]
+        fixed = [i for i in meets if not (before[i] < len(slots) and slot_start[before[i]] < points[i + 1])]
         known = dict(zip(fixed, self._tokenize([text[points[i]:points[i + 1]] for i in fixed], False)))
         marker = [t >= 0 for t in token]
-        before = list(itertools.accumulate(marker, initial=0))  # added tokens before each piece
+        anchor = list(itertools.accumulate(marker, initial=0))  # added tokens before each piece
         offset = [0 if m else 1 for m in marker]
         for i in meets:  # the next piece starts after this one's tokens
             offset[i + 1] = offset[i] + len(known.get(i, ()))
-        ends = [max((r[1] - 1 for r in runs if r[2] == k), default=-1) for k in range(len(spans))]
         glue = [text[a:b] for a, b in zip([0] + [e for _, e in slots], [s for s, _ in slots] + [len(text)])]
         return _Plan(tuple(glue), tuple(int(m.group(1)) for m in found), tuple(e - s for s, e in slots),
-                     tuple(points), tuple(sum(1 for _, e in slots if e <= p) for p in points), tuple(token),
-                     tuple(map(tuple, runs)), tuple(-1 if extra and extra[2] == k else i for k, i in enumerate(ends)),
+                     tuple(points), tuple(before), tuple(token), tuple(map(tuple, runs)),
+                     tuple(-1 if extra and extra[2] == k else i for k, i in enumerate(last)),
                      extra, not gen and all(sp is not None for sp in spans),
-                     tuple(b - (not m) for b, m in zip(before, marker)), tuple(offset),
+                     tuple(b - (not m) for b, m in zip(anchor, marker)), tuple(offset),
                      tuple(t for t in token if t >= 0), tuple(known.items()), len(known) == len(meets))
 
     def _glue_tokens(self, text: str, slots: list[tuple[int, int]]) -> dict[int, tuple[int, int]]:
