@@ -339,9 +339,6 @@ def test_disk_full_while_training_is_one_clean_error(toy_model, toy_data, tmp_pa
         "continue with --resume\n")
 
 
-@pytest.mark.xfail(strict=True, reason="train._save: when the first checkpoint of a run fails, the message says "
-                   "'the previous checkpoint (None) is intact ... continue with --resume', but there is none and "
-                   "--resume then fails with 'no complete checkpoint'")
 def test_disk_full_at_the_first_checkpoint_says_there_is_none(toy_model, toy_data, tmp_path, monkeypatch, capsys):
     def disk_full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -187,9 +187,11 @@ def _save(out: Path, step: int, model, optimizer, scheduler, cfg: Config, d: Dis
     try:
         ckpt.save(out, step, model, optimizer, scheduler, keep_last=cfg.train.keep_last, d=d)
     except OSError as e:
+        prev = ckpt.latest(out)
+        kept = (f"the previous checkpoint ({prev}) is intact, free space and continue with --resume"
+                if prev else "no earlier checkpoint exists, free space and start again")
         raise TurntuneError(f"train.output_dir: writing the checkpoint of step {step} in {out} failed: "
-                            f"{e.strerror or e}; the previous checkpoint ({ckpt.latest(out)}) is intact, "
-                            "free space and continue with --resume") from None
+                            f"{e.strerror or e}; {kept}") from None
 
 
 @dataclass
