@@ -344,10 +344,11 @@ def test_disk_full_at_the_first_checkpoint_says_there_is_none(toy_model, toy_dat
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(ckpt, "save_file", disk_full)
-    assert main(["train", str(write_cfg(tmp_path, toy_model, toy_data, tmp_path / "run", max_steps=2))]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("turntune: error: train.output_dir: writing the checkpoint of step 1 in ")
-    assert "None" not in err and "--resume" not in err
+    out = tmp_path / "run"
+    assert main(["train", str(write_cfg(tmp_path, toy_model, toy_data, out, max_steps=2))]) == 2
+    assert capsys.readouterr().err == (
+        f"turntune: error: train.output_dir: writing the checkpoint of step 1 in {out} failed: No space left on "
+        "device; no earlier checkpoint exists, free space and start again\n")
 
 
 # -- SIGKILL inside a checkpoint write --------------------------------------------------------------
