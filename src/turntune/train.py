@@ -221,6 +221,10 @@ def train(cfg: Config, *, resume: bool = False) -> TrainResult:
     np.random.seed(cfg.train.seed)
 
     # -- data ----------------------------------------------------------------------------------
+    for name in ("train", "eval"):  # named by their setting, before anything slow is loaded
+        path = getattr(cfg.data, name)
+        if path and not Path(path).is_file():
+            raise ConfigError(f"data.{name}: {path} is not a file (check the path)")
     model_dir = resolve_path(cfg.model.path)
     tokenizer = load_tokenizer(model_dir, trust_remote_code=cfg.model.trust_remote_code)
     chat_template = None
