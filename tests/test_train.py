@@ -121,3 +121,19 @@ def test_sigkill_then_resume_logs_the_same_losses(reference, tiny_glm_path, tmp_
     assert sorted(got) == list(range(1, 9))
     for step in range(1, 9):
         assert got[step] == pytest.approx(ref[step], rel=1e-5, abs=1e-6), (step, log)
+
+
+def test_chat_with_the_trained_adapter(reference):
+    """What `make demo` ends with: load the run's final folder (adapter + its base) and talk."""
+    from turntune.chat import chat_loop, load_for_chat
+    from turntune.encode import resolve_template
+
+    res, _ = reference
+    model, tok = load_for_chat(res.final_dir)
+    template = resolve_template(tok, "auto")
+    assert template.name == "glm4"
+    lines: list[str] = []
+    msgs = chat_loop(model, template, system="Be brief.", inputs=["Hi", "What is 2 + 2?"], echo=lines.append)
+    assert [m.role for m in msgs] == ["system", "user", "assistant", "user", "assistant"]
+    assert lines[0] == "you> Hi" and lines[1].startswith("assistant> ")
+    assert all(isinstance(m.content, str) for m in msgs)

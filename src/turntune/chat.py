@@ -10,17 +10,21 @@ from turntune.conversation import Conversation, Message
 
 def load_for_chat(model_dir: str | Path, adapter: str | Path | None = None, *, trust_remote_code: bool = False):
     """A model folder (or a trained run's ``final`` adapter folder with its base) ready to generate."""
+    import json
+
     from turntune.models import load_model, load_tokenizer, resolve_path
 
-    path = resolve_path(str(model_dir))
-    base = path
-    meta = path / "adapter_config.json"
-    if adapter is None and meta.is_file():  # a LoRA result folder: find its base model
-        import json
-
-        adapter = path
-        base = resolve_path(json.loads((path / "turntune.json").read_text())["base_model"]) \
-            if (path / "turntune.json").is_file() else resolve_path(json.loads(meta.read_text())["base_model_name_or_path"])
+    folder = Path(str(model_dir)).expanduser()
+    if adapter is None and (folder / "adapter_config.json").is_file():
+        # A LoRA result (a run's final/ folder): the adapter, with its base model named inside.
+        adapter = folder
+        meta = folder / "turntune.json"
+        base_name = (json.loads(meta.read_text())["base_model"] if meta.is_file()
+                     else json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"])
+        base = resolve_path(base_name)
+        path = folder
+    else:
+        path = base = resolve_path(str(model_dir))
     tokenizer = load_tokenizer(path if (path / "tokenizer_config.json").is_file() else base)
     model = load_model(base, trust_remote_code=trust_remote_code)
     if adapter is not None:
