@@ -23,4 +23,5 @@ test: install
 	$(PY) -m pytest
 
 bench: install
+	$(PIP) install -c constraints.txt -r bench/requirements-bench.txt  # TRL, for the comparison only
 	$(PY) bench/bench_batching.py && $(PY) bench/bench_encode.py && $(PY) bench/bench_windows.py && $(PY) bench/bench_train.py
