@@ -72,9 +72,6 @@ def test_expand_samples_are_prefixes_of_all(tmpl):
 
 
 def test_full_warns_and_trains_everything(tmpl):
-    import turntune.encode as enc
-
-    enc._warned_full = False
     with pytest.warns(UserWarning, match="user and system tokens"):
         (ex,), _ = run(TWO, tmpl, strategy="full")
     assert ex.labels[0] == IGNORE_INDEX and ex.labels[1:] == ex.input_ids[1:]

@@ -127,9 +127,6 @@ class EncodeOptions:
             raise ConfigError(f"history_fraction: {self.history_fraction} must be in [0, 1)")
 
 
-_warned_full = False
-
-
 def encode(
     messages: Conversation | list[dict],
     tokenizer=None,
@@ -166,11 +163,9 @@ def encode_conversations(
     progress=None,
 ) -> list[Example]:
     """Encode many conversations; tokenizer calls are batched ``chunk`` conversations at a time."""
-    global _warned_full
-    if options.strategy == "full" and not _warned_full:
+    if options.strategy == "full":  # Python's default filter shows it once per call site
         warnings.warn("strategy 'full' trains on user and system tokens too: the model learns to write "
                       "the user's turns. Use 'all' unless you are comparing.", stacklevel=2)
-        _warned_full = True
     report = report if report is not None else EncodeReport()
     convs = list(conversations)
     out: list[Example] = []
