@@ -90,7 +90,6 @@ CORPUS: dict[str, Case] = {
         5: ("empty_conversation", "no messages (drop the record, or add a user turn and an assistant reply)"),
         6: ("unknown_format", NOT_A_CONVERSATION),
     }, formats={"openai": 4}, notes={"empty_reply": 2}),  # "" and "   " replies are kept, and counted
-    "empty_file.jsonl": Case(0),
     "huge_content.jsonl": Case(1, formats={"openai": 1}),
     "invalid_utf8.jsonl": Case(1, {
         2: ("bad_utf8", "invalid UTF-8 at byte offset 46 of the line (re-save the file as UTF-8)"),  # \xff
@@ -136,6 +135,10 @@ CORPUS: dict[str, Case] = {
 }
 # A .json document is one record set: when it does not parse, there is nothing to skip to.
 BROKEN_DOCUMENT = ("broken_document.json", 3, "not valid JSON: Expecting value at column 1 (fix the JSON syntax)")
+# A file with no record at all (empty, or blank lines only) is a mistake in both modes too.
+EMPTY_FILE = ("empty_file.jsonl", "no records: the file is empty or holds only blank lines (one JSON conversation "
+                                  "per line for .jsonl, a JSON list for .json)")
+WHOLE_FILE = (BROKEN_DOCUMENT[0], EMPTY_FILE[0])
 
 
 @pytest.fixture(scope="session")
@@ -165,10 +168,10 @@ def glm4():
 
 
 def test_the_corpus_is_complete(corpus):
-    assert set(corpus) == set(CORPUS) | {BROKEN_DOCUMENT[0]}
+    assert set(corpus) == set(CORPUS) | set(WHOLE_FILE)
     assert len(corpus) == 23
     covered = {rule for case in CORPUS.values() for rule, _ in case.bad.values()}
-    assert covered == set(RULES) - {"missing_file"}  # the CLI test below covers a missing file
+    assert covered == set(RULES) - {"missing_file", "no_records"}  # tests below cover those two
 
 
 @pytest.mark.parametrize("name", sorted(CORPUS))
@@ -194,6 +197,16 @@ def test_broken_file_exact_message_and_skip_counts(corpus, monkeypatch, name):
     assert len(res.conversations) == case.valid
     bad_sources = {f"{path}:{line}" for line in case.bad}
     assert not bad_sources & {c.source for c in res.conversations}
+
+
+def test_empty_file_raises_in_both_modes(corpus, tmp_path):
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("\n  \n\n")
+    for path in (corpus[EMPTY_FILE[0]], blank):
+        for mode in ("error", "skip"):
+            with pytest.raises(DataError) as info:
+                load_conversations(path, on_invalid=mode)
+            assert (info.value.rule, str(info.value)) == ("no_records", f"{path}: {EMPTY_FILE[1]}")
 
 
 def test_broken_json_document_raises_in_both_modes(corpus):
@@ -362,13 +375,13 @@ def _args(corpus, toy_dir, name: str, command: str) -> list[str]:
 
 
 def _expected_exit(name: str, command: str) -> int:
-    if name == BROKEN_DOCUMENT[0]:
+    if name in WHOLE_FILE:
         return 2
     if command == "validate":
         return _validate_exit(name)
     if CORPUS[name].bad:  # encode stops at the first bad record (on_invalid=error)
         return 2
-    return 1 if name in ("empty_file.jsonl", "all_replies_too_long.jsonl") else 0
+    return 1 if name == "all_replies_too_long.jsonl" else 0
 
 
 @pytest.fixture(scope="module")
@@ -387,7 +400,7 @@ def process_runs(corpus, toy_dir, tmp_path_factory) -> dict[tuple[str, str], tup
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-@pytest.mark.parametrize("name", sorted([*CORPUS, BROKEN_DOCUMENT[0]]))
+@pytest.mark.parametrize("name", sorted([*CORPUS, *WHOLE_FILE]))
 def test_a_process_never_prints_a_traceback(process_runs, name, command):
     code, out, err = process_runs[(name, command)]
     assert "Traceback" not in err, err
@@ -445,7 +458,7 @@ def _train_cfg(tmp: Path, model_path: Path | str, **sections) -> Path:
 
 
 SETTINGS = "autocast, epochs, eval_every, grad_accum, gradient_checkpointing, keep_last, log_every, lr, max_grad_norm, " \
-           "max_steps, method, micro_batch_tokens, min_lr_ratio, nonfinite, output_dir, save_every, schedule, seed, " \
+           "max_steps, method, micro_batch_tokens, min_lr_ratio, nonfinite, output_dir, parallel, save_every, schedule, seed, " \
            "warmup_steps, weight_decay"
 BAD_CONFIGS = {
     "unknown key": ({"train": {"learning_rate": 1e-4}}, [],

@@ -83,8 +83,10 @@ def test_a_folder_that_needs_its_own_code_is_refused(tmp_path):
     config = json.loads((folder / "tokenizer_config.json").read_text())
     config.update(auto_map={"AutoTokenizer": ["evil.EvilTokenizer", None]}, tokenizer_class="EvilTokenizer")
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    with pytest.raises(ConfigError, match=r"(?s)^model\.path: cannot load a tokenizer from .*trust_remote_code=True"):
+    with pytest.raises(ConfigError) as info:
         load_tokenizer(folder)
+    assert str(info.value) == (f"model.path: the tokenizer in {folder} needs code from the folder itself; set "
+                               "model.trust_remote_code=true only if you trust it")
     assert not marker.exists()
 
 

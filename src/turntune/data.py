@@ -50,7 +50,7 @@ FORMATS: tuple[str, ...] = ("auto", "openai", "glm4", "sharegpt")
 RULES: tuple[str, ...] = (
     "missing_file", "bad_json", "bad_utf8", "unknown_format", "unknown_role", "content_not_string",
     "bad_tool_call", "bad_tools", "empty_conversation", "system_not_first", "consecutive_user",
-    "consecutive_assistant", "tool_without_call", "no_assistant",
+    "consecutive_assistant", "tool_without_call", "no_assistant", "no_records",
 )
 # Each format's role names mapped onto ours. ShareGPT's function_call is an assistant tool call.
 _ROLES: dict[str, dict[str, str]] = {
@@ -143,6 +143,9 @@ def load_conversations(path: str | Path, *, format: Format = "auto",
             1 for m in conv.messages if m.role == "assistant" and not m.tool_calls and not m.content.strip())
         report.notes["trailing_context"] += conv.messages[-1].role != "assistant"
     report.notes = +report.notes  # drop zero counts
+    if report.records == 0:  # an empty file is a mistake in every mode: there is nothing to skip
+        raise DataError("no records: the file is empty or holds only blank lines (one JSON conversation "
+                        "per line for .jsonl, a JSON list for .json)", source=name, rule="no_records")
     return LoadResult(conversations, report)
 
 

@@ -38,6 +38,9 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False):
     try:
         tok = AutoTokenizer.from_pretrained(p, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
+        if "trust_remote_code" in str(e):
+            raise ConfigError(f"model.path: the tokenizer in {p} needs code from the folder itself; set "
+                              "model.trust_remote_code=true only if you trust it") from None
         raise ConfigError(f"model.path: cannot load a tokenizer from {p}: {e}") from None
     if tok.pad_token_id is None:  # padding only fills positions that are masked and unlabelled
         tok.pad_token = tok.eos_token
