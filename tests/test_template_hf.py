@@ -546,6 +546,52 @@ def test_conversations_that_differ_only_in_words_share_one_analysis(llama3):
     assert [text_of(llama3, r.input_ids) for r in rendered] == [hf_text(llama3, c) for c in variants]
 
 
+def test_sandbox_verdicts_are_remembered_and_refusals_stay_refusals(chatml):
+    from turntune.templates.sandbox import compile_template
+
+    t = HFTemplate(chatml, chat_template="{% set x = messages.append(1) %}{{ x }}")
+    for _ in range(2):  # the second refusal comes from the remembered verdict
+        with pytest.raises(TemplateError, match="access to attribute 'append' of 'list' object is unsafe"):
+            t.render(conv(("user", "Hi"), ("assistant", "Hello")))
+    env = compile_template("{% set x = messages.append(1) %}{{ x }}").environment
+    assert env._verdicts == {(list, "append"): False}
+    loop = compile_template("{% for m in messages %}{{ loop.first }}{% endfor %}")
+    assert loop.render(messages=[1, 2]) == "TrueFalse" and list(loop.environment._verdicts.values()) == [True]
+
+
+def test_sandbox_judges_an_object_that_claims_another_class_every_time():
+    from turntune.templates.sandbox import compile_template
+
+    class Liar:  # isinstance(Liar(), list) is True: Jinja's list rules apply to it
+        def __init__(self, cls: type) -> None:
+            self.claim = cls  # per object: a verdict per type would be wrong
+
+        __class__ = property(lambda self: self.claim)
+        append = None
+
+    env = compile_template("{{ x }}").environment
+    assert env.is_safe_attribute(Liar(list), "append", None) is False
+    assert env.is_safe_attribute(Liar(Liar), "append", None) is True  # an honest one: remembered
+    assert env.is_safe_attribute(Liar(list), "append", None) is False
+    assert env._verdicts == {(Liar, "append"): True}
+
+
+def test_a_template_that_never_reads_tools_shares_shapes_across_tool_lists(chatml, qwen25):
+    from turntune.templates.sandbox import reads_variable
+
+    assert not reads_variable(chatml.chat_template, "tools") and reads_variable(QWEN25, "tools")
+    other = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
+    same = [conv(("user", "Hi"), ("assistant", "Hello!"), tools=tools) for tools in ([], [WEATHER], [other])]
+    t = HFTemplate(chatml)
+    rendered = t.render_many(same)
+    assert len(t._plans) == 1 and [trained(chatml, r) for r in rendered] == [["Hello!<|im_end|>"]] * 3
+    assert [text_of(chatml, r.input_ids) for r in rendered] == [hf_text(chatml, c) for c in same]
+    t = HFTemplate(qwen25)  # Qwen2.5 writes the tools in its system turn: one analysis per tool list
+    rendered = t.render_many(same)
+    assert len(t._plans) == 3 and [trained(qwen25, r) for r in rendered] == [["Hello!<|im_end|>"]] * 3
+    assert [text_of(qwen25, r.input_ids) for r in rendered] == [hf_text(qwen25, c) for c in same]
+
+
 def test_render_many_equals_render_one_by_one(chatml, qwen25):
     convs = [BASIC, Conversation(BASIC.messages[1:], source="y"), conv(("user", "x"), ("assistant", "y")), BASIC]
     t = HFTemplate(chatml)

@@ -21,7 +21,6 @@ tokens (``expand`` slices them), and a generation prompt tokenizes as it does at
 from __future__ import annotations
 
 import bisect
-import functools
 import itertools
 import json
 import math
@@ -29,53 +28,16 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
 
 import jinja2
-import jinja2.ext
-from jinja2.ext import loopcontrols
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from turntune.conversation import Conversation, Message, ToolCall
 from turntune.errors import TemplateError
 from turntune.templates.base import Rendered
+from turntune.templates.sandbox import compile_template, reads_variable
 
 _OPEN, _CLOSE = "\ue000", "\ue001"  # private-use characters: no template tests for or strips them
 _SLOT = re.compile(f"{_OPEN}(\\d+){_CLOSE}")
-
-
-def _raise_exception(message: str):
-    raise jinja2.exceptions.TemplateError(message)
-
-
-def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
-    # Jinja's own tojson escapes HTML characters; chat templates are written for plain JSON.
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-class _Generation(jinja2.ext.Extension):
-    """``{% generation %}...{% endgeneration %}``, transformers' marker of assistant text: rendered
-    as it is (the spans here are found by construction, markers or not)."""
-
-    tags = {"generation"}
-
-    def parse(self, parser):
-        next(parser.stream)
-        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
-
-
-@functools.lru_cache(maxsize=32)
-def compile_template(source: str) -> jinja2.Template:
-    """Compile a chat template in an immutable sandbox (templates ship with model folders: untrusted
-    code), in transformers' dialect: trimmed blocks, loop controls, ``raise_exception``, ``strftime_now``."""
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, _Generation])
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    try:
-        return env.from_string(source)
-    except jinja2.TemplateSyntaxError as e:
-        raise TemplateError(f"chat template does not compile: line {e.lineno}: {e.message}") from None
 
 
 @dataclass(frozen=True, eq=False)
@@ -123,6 +85,9 @@ class HFTemplate:
         if self._backend is None:
             raise TemplateError("HFTemplate needs a fast (Rust-backed) tokenizer")
         self._template = compile_template(source)
+        # A template that never names ``tools`` renders the same with or without them: its shapes
+        # then need no tool list, and conversations with different tools share their analysis.
+        self._reads_tools = reads_variable(source, "tools")
         self.tokenizer = tokenizer
         self._specials = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
         added = tokenizer.added_tokens_decoder
@@ -214,8 +179,10 @@ class HFTemplate:
         """The plan of the conversation's rendering, the rendering, where the plan's points fall
         in it, and whether its words hold special-token text."""
         key, words = self._shape(conv)
-        tools = (json.dumps(conv.tools, sort_keys=True) if conv.tools else "", list(conv.tools) or None)
-        text = self._render(conv.to_hf(), tools[1], gen, conv.source)
+        given = list(conv.tools) or None
+        tools = (json.dumps(conv.tools, sort_keys=True) if given and self._reads_tools else "",
+                 given if self._reads_tools else None)
+        text = self._render(conv.to_hf(), given, gen, conv.source)
         plan, error = self._plans.get((key, tools[0], gen)), None
         if plan is None:
             try:
