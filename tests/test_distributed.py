@@ -1,25 +1,33 @@
 """Two CPU processes under torchrun (gloo) log the same losses as one process with the same
 global batch: rank r's micro-batch of step s is micro-batch (2s + r) of the single run's
 2-step accumulation window, and the loss is normalised over both ranks' trained tokens.
+Both ways of running several ranks (``train.parallel``): ``ddp`` (whole model per rank,
+gradients all-reduced) and ``fsdp`` (FSDP2: weights, gradients and optimizer state sharded).
 
-Tolerance: 1e-5 relative (float32; the two runs add the same token losses in another order).
+Tolerance: 1e-5 relative for losses (float32; the runs add the same token losses in another
+order), 1e-4 for gradient norms (a sum of squares over differently sharded pieces). Measured:
+LoRA fsdp losses are bit-identical to one process; full fine-tuning differs by ~1e-7.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
 
 
-def _cfg(tmp: Path, model: Path, out: Path, accum: int) -> Path:
+def _cfg(tmp: Path, model: Path, out: Path, accum: int, **train) -> Path:
     lines = (ROOT / "examples/data/train.jsonl").read_text().splitlines()[:40]
     data = tmp / "train40.jsonl"
     data.write_text("\n".join(lines) + "\n")
@@ -29,17 +37,11 @@ def _cfg(tmp: Path, model: Path, out: Path, accum: int) -> Path:
            "data": {"train": str(data), "eval": str(ev), "max_length": 512, "weighting": "turn"},
            "lora": {"r": 4, "alpha": 8, "dropout": 0.0},  # dropout would draw different numbers per rank
            "train": {"output_dir": str(out), "max_steps": 4, "micro_batch_tokens": 512, "grad_accum": accum,
-                     "lr": 5e-3, "warmup_steps": 1, "eval_every": 0, "autocast": "fp32", "seed": 1}}
+                     "lr": 5e-3, "warmup_steps": 1, "eval_every": 0, "autocast": "fp32", "seed": 1,
+                     "save_every": 2, "keep_last": 5, **train}}
     p = tmp / f"{out.name}.yaml"
     p.write_text(yaml.safe_dump(cfg))
     return p
-
-
-def _metrics(out: Path) -> tuple[list[float], float]:
-    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    train = [r["loss"] for r in recs if r["kind"] == "train"]
-    evals = [r["loss"] for r in recs if r["kind"] == "eval"]
-    return train, evals[-1]
 
 
 def _free_port() -> int:
@@ -48,19 +50,112 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_ranks_equal_one_process(tiny_glm_path, tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    single = subprocess.run([sys.executable, "-m", "turntune", "train", str(_cfg(tmp_path, tiny_glm_path, tmp_path / "one", 2))],
-                            env=env, capture_output=True, text=True, timeout=600)
-    assert single.returncode == 0, single.stdout + single.stderr
-    multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                            f"--master_port={_free_port()}", "--master_addr=127.0.0.1",
-                            "-m", "turntune", "train", str(_cfg(tmp_path, tiny_glm_path, tmp_path / "two", 1))],
-                           env=env, capture_output=True, text=True, timeout=600)
-    assert multi.returncode == 0, multi.stdout + multi.stderr
-    assert "2 rank(s)" in multi.stdout
+def _run(cfg: Path, ranks: int, *args: str) -> str:
+    """``turntune train`` in one process, or under torchrun with ``ranks`` CPU processes; its stdout."""
+    launch = [sys.executable]
+    if ranks > 1:
+        launch += ["-m", "torch.distributed.run", f"--nproc_per_node={ranks}", f"--master_port={_free_port()}",
+                   "--master_addr=127.0.0.1"]
+    p = subprocess.run(launch + ["-m", "turntune", "train", str(cfg), *args], env=ENV, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return p.stdout
+
+
+def _records(out: Path, kind: str) -> list[dict]:
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in recs if r["kind"] == kind]
+
+
+def _metrics(out: Path) -> tuple[list[float], float]:
+    return [r["loss"] for r in _records(out, "train")], _records(out, "eval")[-1]["loss"]
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_glm_path, tmp_path_factory) -> Path:
+    """The reference: one process, LoRA, 2 micro-batches per step, a checkpoint at steps 2 and 4."""
+    tmp = tmp_path_factory.mktemp("one")
+    _run(_cfg(tmp, tiny_glm_path, tmp / "one", 2), 1)
+    return tmp / "one"
+
+
+@pytest.fixture(scope="module")
+def fsdp_lora(tiny_glm_path, tmp_path_factory) -> tuple[Path, str]:
+    tmp = tmp_path_factory.mktemp("fsdp")
+    out = _run(_cfg(tmp, tiny_glm_path, tmp / "fsdp", 1, parallel="fsdp"), 2)
+    return tmp / "fsdp", out
+
+
+def test_two_ranks_equal_one_process(one_process, tiny_glm_path, tmp_path):
+    stdout = _run(_cfg(tmp_path, tiny_glm_path, tmp_path / "two", 1), 2)
+    assert "2 rank(s)" in stdout
+    one, eval_one = _metrics(one_process)
+    two, eval_two = _metrics(tmp_path / "two")
+    assert len(one) == len(two) == 4
+    assert two == pytest.approx(one, rel=1e-5)
+    assert eval_two == pytest.approx(eval_one, rel=1e-5)
+
+
+def test_fsdp_lora_two_ranks_equal_one_process(one_process, fsdp_lora):
+    out, stdout = fsdp_lora
+    assert "FSDP2: 2 decoder layers + the root sharded over 2 ranks" in stdout
+    one, eval_one = _metrics(one_process)
+    two, eval_two = _metrics(out)
+    assert len(one) == len(two) == 4
+    assert two == pytest.approx(one, rel=1e-5)
+    assert eval_two == pytest.approx(eval_one, rel=1e-5)
+    assert _records(out, "eval")[0]["loss"] == pytest.approx(_records(one_process, "eval")[0]["loss"], rel=1e-5)
+    assert [r["grad_norm"] for r in _records(out, "train")] == pytest.approx(
+        [r["grad_norm"] for r in _records(one_process, "train")], rel=1e-4)
+    # rank 0 wrote the same files as one process: gathered weights, optimizer state numbered alike
+    for f in ("checkpoints/step-000004/trainable.safetensors", "final/adapter_model.safetensors"):
+        a, b = load_file(one_process / f), load_file(out / f)
+        assert sorted(a) == sorted(b) and len(a) == 16  # q/k/v/o x A/B x 2 layers
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7)
+    oa, ob = (torch.load(o / "checkpoints/step-000004/optimizer.pt", weights_only=True) for o in (one_process, out))
+    assert ob["param_groups"] == oa["param_groups"]
+    assert sorted(ob["state"]) == sorted(oa["state"]) == list(range(16))
+    for i, st in oa["state"].items():
+        for k, v in st.items():
+            torch.testing.assert_close(ob["state"][i][k], v, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
+def test_fsdp_stopped_at_a_checkpoint_resumes_with_the_same_losses(fsdp_lora, tmp_path, parallel):
+    """The state a stop (or kill) right after step 2's checkpoint leaves; resumed sharded, and
+    unsharded: a checkpoint does not depend on how the run was parallelised."""
+    done, _ = fsdp_lora
+    out = tmp_path / "fsdp"  # same name: the config's output_dir is rewritten below anyway
+    shutil.copytree(done, out)
+    shutil.rmtree(out / "checkpoints" / "step-000004")
+    shutil.rmtree(out / "final")
+    (out / "checkpoints" / "latest").write_text("step-000002")
+    (out / "metrics.jsonl").write_text("")
+    cfg = yaml.safe_load((done / "config.yaml").read_text())
+    cfg["train"]["output_dir"], cfg["train"]["parallel"] = str(out), parallel
+    p = tmp_path / "resume.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    stdout = _run(p, 2, "--resume")
+    assert f"resumed from step 2 ({out / 'checkpoints' / 'step-000002'})" in stdout
+    assert [r["step"] for r in _records(out, "train")] == [3, 4]
+    full, eval_full = _metrics(done)
+    resumed, eval_resumed = _metrics(out)
+    assert resumed == pytest.approx(full[2:], rel=1e-5)
+    assert eval_resumed == pytest.approx(eval_full, rel=1e-5)
+
+
+def test_fsdp_full_fine_tuning_equals_one_process(tiny_llama_path, tmp_path):
+    """Every weight trained and sharded; tiny Llama ties its LM head to the embedding."""
+    kw = dict(method="full", lr=1e-3, save_every=0)
+    _run(_cfg(tmp_path, tiny_llama_path, tmp_path / "one", 2, **kw), 1)
+    _run(_cfg(tmp_path, tiny_llama_path, tmp_path / "two", 1, parallel="fsdp", **kw), 2)
     one, eval_one = _metrics(tmp_path / "one")
     two, eval_two = _metrics(tmp_path / "two")
     assert len(one) == len(two) == 4
     assert two == pytest.approx(one, rel=1e-5)
     assert eval_two == pytest.approx(eval_one, rel=1e-5)
+    a, b = (load_file(o / "final" / "model.safetensors") for o in (tmp_path / "one", tmp_path / "two"))
+    assert sorted(b) == sorted(a)  # the tied head is written once, as without FSDP
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)

@@ -409,3 +409,51 @@ def test_sigkill_inside_a_checkpoint_write_then_resume_logs_the_same_losses(toy_
         assert got[step] == pytest.approx(loss, rel=1e-5, abs=1e-6), step
     assert ckpt.latest(out) == out / "checkpoints" / "step-000006"
     assert not list((out / "checkpoints").glob(".tmp-*"))
+
+
+# -- a damaged checkpoint on --resume ---------------------------------------------------------------
+@pytest.mark.parametrize("damaged", ["optimizer.pt", "trainable.safetensors", "scheduler.pt", "rng-0.json",
+                                     "state.json"])
+def test_a_truncated_checkpoint_file_names_itself_and_the_way_back(tmp_path, damaged):
+    out = tmp_path / "run"
+    model, opt, sched = _small_state(0)
+    ckpt.save(out, 1, model, opt, sched, keep_last=5)
+    ckpt.save(out, 2, model, opt, sched, keep_last=5)
+    bad = out / "checkpoints" / "step-000002" / damaged
+    _half_written(bad)
+    fresh, opt2, sched2 = _small_state(1)
+    with pytest.raises(TurntuneError) as e:
+        ckpt.load(out, fresh, opt2, sched2)
+    msg = str(e.value)
+    assert msg.startswith(f"--resume: {bad} is damaged or truncated (")
+    assert msg.endswith(f"); delete {out / 'checkpoints' / 'step-000002'} and write 'step-000001' into "
+                        f"{out / 'checkpoints' / 'latest'} to resume from the checkpoint before it")
+    # doing what it says works: the previous checkpoint loads
+    (out / "checkpoints" / "latest").write_text("step-000001")
+    assert ckpt.load(out, fresh, opt2, sched2)["step"] == 1
+
+
+def test_a_truncated_only_checkpoint_says_start_again(tmp_path):
+    out = tmp_path / "run"
+    model, opt, sched = _small_state(0)
+    ckpt.save(out, 1, model, opt, sched)
+    bad = out / "checkpoints" / "step-000001" / "optimizer.pt"
+    bad.write_bytes(bad.read_bytes()[:100])  # cut short, as a copy or a full disk can leave it
+    with pytest.raises(TurntuneError) as e:
+        ckpt.load(out, *_small_state(1))
+    assert str(e.value) == (f"--resume: {bad} is damaged or truncated (RuntimeError: PytorchStreamReader failed "
+                            "reading zip archive: failed finding central directory); no earlier checkpoint is "
+                            f"left: delete {out / 'checkpoints'} and start again without --resume")
+
+
+def test_a_truncated_optimizer_state_on_resume_is_one_clean_error(toy_model, toy_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    cfg = write_cfg(tmp_path, toy_model, toy_data, out)
+    assert main(["train", str(cfg), "--train.max_steps=2"]) == 0
+    bad = out / "checkpoints" / "step-000002" / "optimizer.pt"
+    _half_written(bad)
+    capsys.readouterr()
+    assert main(["train", str(cfg), "--train.max_steps=4", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"turntune: error: --resume: {bad} is damaged or truncated (")
+    assert "Traceback" not in err

@@ -136,6 +136,11 @@ class TrainConfig:
     """Print one line every N steps."""
     nonfinite: Literal["stop", "skip"] = "stop"
     """On a NaN/inf loss or gradient: stop naming the step, or skip the step and count it."""
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    """With several processes (torchrun): ``ddp`` keeps a full copy of the model on every rank and
+    all-reduces gradients; ``fsdp`` shards weights, gradients and optimizer state across ranks
+    (FSDP2, one unit per decoder layer) for models that do not fit one device. Same losses either
+    way. With one process there is nothing to shard and ``fsdp`` runs unsharded."""
 
     def __post_init__(self) -> None:
         _require("train", self,

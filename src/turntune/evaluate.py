@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 
 from turntune.collate import pack, rows_batch
 from turntune.constants import IGNORE_INDEX
@@ -78,7 +79,9 @@ def evaluate(model, examples: Sequence[Example], *, pad_id: int, max_length: int
     """Loss of ``model`` on the labelled tokens of ``examples`` (token weighting, packed batches).
 
     Under torch.distributed each rank evaluates its share of the rows and the sums are reduced,
-    so every rank gets the same result.
+    so every rank gets the same result. ``model`` may be an FSDP2-sharded ``LossModel`` (the
+    training loop's root): every rank then runs the same number of forward passes, since each
+    one gathers parameters with collectives; a rank with fewer rows runs discarded ones.
     """
     was_training = model.training
     model.eval()
@@ -87,6 +90,16 @@ def evaluate(model, examples: Sequence[Example], *, pad_id: int, max_length: int
     # sums[0]: loss, sums[1]: count; columns: overall, per turn bucket, per kind
     sums = torch.zeros(2, 1 + nb + len(KINDS), dtype=torch.float64)
     rows = pack(list(examples), max_length)[rank::world]
+    n_batches = -(-len(rows) // rows_per_batch)
+    extra = 0
+    if world > 1 and isinstance(model, FSDPModule):
+        most = torch.tensor([n_batches], dtype=torch.int64, device=device)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        extra = int(most) - n_batches
+    for _ in range(extra):  # keep in step with the other ranks' collectives; the result is unused
+        filler = rows_batch([[examples[0]]], pad_id=pad_id).to(device)
+        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=autocast):
+            per_token_losses(model, filler)
     for s in range(0, len(rows), rows_per_batch):
         chunk = [[examples[i] for i in r] for r in rows[s:s + rows_per_batch]]
         batch = rows_batch(chunk, pad_id=pad_id).to(device)

@@ -196,13 +196,24 @@ class LossModel(nn.Module):
         self.model = model
 
     def forward(self, labels: torch.Tensor, weight: torch.Tensor, full_head: bool = False,
-                **inputs: object) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(weighted_sum, total_weight, n_tokens) of one micro-batch; ``inputs`` from ``model_inputs``."""
+                per_token: bool = False,
+                **inputs: object) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | torch.Tensor:
+        """(weighted_sum, total_weight, n_tokens) of one micro-batch; ``inputs`` from ``model_inputs``.
+
+        ``per_token=True`` returns instead the (rows, T) float32 loss of each token, 0 where it
+        has no label (``per_token_losses``). It is a mode of ``forward`` rather than a method so
+        that evaluation of an FSDP2 root also runs through the root's forward, whose hooks gather
+        the embeddings, final norm and LM head (they stay sharded outside it).
+        """
         decoder, head = model_parts(self.model)
         out = decoder(**inputs)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         losses, keep = token_losses_from_hidden(hidden, head, labels, full_head=full_head,
                                                 transform=logit_transform(getattr(self.model, "config", None)))
+        if per_token:
+            result = torch.zeros(keep.shape, dtype=torch.float32, device=losses.device)
+            result[keep] = losses.to(result.dtype)
+            return result
         w = weight[keep].to(losses.dtype)
         weighted = (losses * w).sum()
         if losses.numel() == 0:
@@ -233,18 +244,15 @@ def batch_loss(model: nn.Module, batch: Batch, *, full_head: bool = False,
 def per_token_losses(model: nn.Module, batch: Batch, *, block_mask_dtype: torch.dtype | None = None) -> torch.Tensor:
     """(rows, T) float32 loss of predicting each token, 0 where the token has no label.
 
-    Aligned with ``batch.labels``/``batch.turn``, for per-turn evaluation and for tests. Runs the
-    unwrapped model: use it under ``torch.no_grad()``, not for training.
+    Aligned with ``batch.labels``/``batch.turn``, for per-turn evaluation and for tests. Use it
+    under ``torch.no_grad()``, not for training. A DDP wrapper is looked through (its forward
+    would only prepare a gradient sync); a ``LossModel`` -- in particular an FSDP2 root, which
+    is one -- is called, because only its own forward gathers its sharded parameters. Under FSDP
+    every rank must then make the same number of calls (``evaluate`` sees to it).
     """
-    lm = _unwrap(model)
-    decoder, head = model_parts(lm)
-    out = decoder(**model_inputs(batch, block_mask_dtype=block_mask_dtype))
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    losses, keep = token_losses_from_hidden(hidden, head, batch.labels,
-                                            transform=logit_transform(getattr(lm, "config", None)))
-    result = torch.zeros(keep.shape, dtype=torch.float32, device=losses.device)
-    result[keep] = losses.to(result.dtype)
-    return result
+    runner = model if isinstance(model, LossModel) else LossModel(_unwrap(model))
+    return runner(batch.labels, batch.weight, per_token=True,
+                  **model_inputs(batch, block_mask_dtype=block_mask_dtype))
 
 
 # ---- normalisation over an accumulation window and all ranks ----

@@ -1,6 +1,10 @@
 """The training loop, written out in one place: setup, step, accumulate, clip, schedule,
 evaluate, checkpoint, log. One process or many (``torchrun``); the same loss either way.
 
+Several processes run data-parallel (``train.parallel``): ``ddp`` keeps a whole model per rank
+and all-reduces gradients after the backward passes; ``fsdp`` shards the model with FSDP2
+(``shard_model``), so each rank holds 1/world of the weights, gradients and optimizer state.
+
 Data order is a pure function of (seed, epoch): epoch e's micro-batches come from packing (or
 length-grouping) with seed ``seed + e``, and rank r takes every world-th of them. So the position
 in the data is just the step number, and ``--resume`` continues exactly where a run stopped.
@@ -28,7 +32,7 @@ from turntune.data import load_conversations
 from turntune.encode import EncodeOptions, EncodeReport, encode_conversations, resolve_template
 from turntune.errors import ConfigError, TurntuneError
 from turntune.evaluate import EvalResult, evaluate, turn_kinds
-from turntune.loss import backward_loss, batch_loss, check_matches_model, window_weight
+from turntune.loss import LossModel, backward_loss, batch_loss, check_matches_model, model_parts, window_weight
 from turntune import checkpoint as ckpt
 from turntune.models import add_lora, load_model, load_tokenizer, resolve_path
 
@@ -88,6 +92,40 @@ def lr_factor(step: int, cfg: Config, total: int) -> float:
     progress = min(1.0, (step - t.warmup_steps) / max(1, total - t.warmup_steps))
     shape = 0.5 * (1 + math.cos(math.pi * progress)) if t.schedule == "cosine" else 1 - progress
     return t.min_lr_ratio + (1 - t.min_lr_ratio) * shape
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder's list of layers (also through a PEFT wrapper): FSDP's shard units."""
+    decoder, _ = model_parts(model)
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        lists = [m for m in decoder.children() if isinstance(m, torch.nn.ModuleList)]
+        layers = lists[0] if len(lists) == 1 else None
+    if layers is None or len(layers) == 0:
+        raise ConfigError(f"train.parallel=fsdp: cannot find the decoder layers of {type(decoder).__name__} "
+                          "(expected one ModuleList, e.g. .layers); use train.parallel=ddp")
+    return layers
+
+
+def shard_model(model: torch.nn.Module, d: Dist) -> LossModel:
+    """FSDP2 over all ranks: each decoder layer is one unit, the root ``LossModel`` holds the rest.
+
+    A layer's parameters are all-gathered just before its forward (and again before its
+    backward) and freed after it; its gradients are reduce-scattered, *averaged* over ranks,
+    which ``backward_loss`` undoes with its world-size factor. The root unit holds what is left
+    (embeddings, final norm, LM head) and is gathered by ``LossModel.forward``, which is why the
+    loss -- and evaluation -- must be called through it. FSDP2 shards each parameter on its own,
+    so a LoRA layer (frozen base weights and trainable adapters in one unit) needs no special
+    wrapping: only the adapters get gradients and optimizer state. Returns the root: train,
+    evaluate and checkpoint through it; ``root.model`` is the (now sharded) causal LM.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(d.device.type, (d.world,))
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh)
+    return fully_shard(LossModel(model), mesh=mesh)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -265,11 +303,23 @@ def train(cfg: Config, *, resume: bool = False) -> TrainResult:
     if d.world > 1:  # identical starting weights on every rank (LoRA init draws random numbers)
         for p in trainable:
             dist.broadcast(p.data, 0)
-
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
-                                  betas=(0.9, 0.95), eps=1e-8)
     pad_id = tokenizer.pad_token_id
     data = MicroBatches(train_ex, cfg, d, pad_id)
+    # Once, before training: turntune's label-only loss must equal the model's own loss on a real
+    # batch, or this architecture's head does something we do not reproduce (raises ConfigError).
+    # Before sharding: the model's own forward would not gather the root unit's parameters.
+    check_matches_model(model, data.get(0).to(d.device))
+
+    # `runner` is what the step, evaluation and checkpoints call: the model, or the FSDP2 root.
+    fsdp = cfg.train.parallel == "fsdp" and d.world > 1
+    if cfg.train.parallel == "fsdp" and not fsdp:
+        log("train.parallel=fsdp with one process: nothing to shard, the model runs whole")
+    runner: torch.nn.Module = shard_model(model, d) if fsdp else model
+    if fsdp:
+        trainable = [p for p in runner.parameters() if p.requires_grad]  # now sharded (DTensor)
+        log(f"FSDP2: {len(decoder_layers(model))} decoder layers + the root sharded over {d.world} ranks")
+    optimizer = torch.optim.AdamW(param_groups(runner, cfg.train.weight_decay), lr=cfg.train.lr,
+                                  betas=(0.9, 0.95), eps=1e-8)
     accum = cfg.train.grad_accum
     steps_per_epoch = max(1, data.per_epoch // accum)
     total = cfg.train.max_steps or math.ceil(cfg.train.epochs * steps_per_epoch)
@@ -278,13 +328,9 @@ def train(cfg: Config, *, resume: bool = False) -> TrainResult:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, total))
     amp = use_autocast(cfg, d.device)
 
-    # Once, before training: turntune's label-only loss must equal the model's own loss on a real
-    # batch, or this architecture's head does something we do not reproduce (raises ConfigError).
-    check_matches_model(model, data.get(0).to(d.device))
-
     start = 0
     if resume:
-        state = ckpt.load(out, model, optimizer, scheduler)
+        state = ckpt.load(out, runner, optimizer, scheduler)
         start = state["step"]
         log(f"resumed from step {start} ({ckpt.latest(out)})")
     log(f"training: {total} steps, {steps_per_epoch} per epoch, {accum} micro-batches per step, "
@@ -294,8 +340,10 @@ def train(cfg: Config, *, resume: bool = False) -> TrainResult:
         if not eval_ex:
             return None
         t0 = time.time()
-        r = evaluate(model, eval_ex, pad_id=pad_id, max_length=cfg.data.max_length, kinds=kinds,
+        r = evaluate(runner, eval_ex, pad_id=pad_id, max_length=cfg.data.max_length, kinds=kinds,
                      autocast=amp, device=d.device)
+        if fsdp:  # the root unit stays gathered after a forward without backward: free it
+            runner.reshard()
         log(f"eval {tag}: loss {r.loss:.4f}  ppl {r.perplexity:.2f}  ({r.tokens} reply tokens, {time.time() - t0:.0f}s)")
         log.record(kind="eval", step=step, **r.to_dict())
         return r
@@ -317,23 +365,29 @@ def train(cfg: Config, *, resume: bool = False) -> TrainResult:
         finite = True
         for batch in window:
             with torch.autocast(device_type=d.device.type, dtype=torch.bfloat16, enabled=amp):
-                ls = batch_loss(model, batch)
+                ls = batch_loss(runner, batch)
             if not torch.isfinite(ls.weighted_sum):
                 finite = False
-                break
-            backward_loss(ls, denom).backward()
+                if not fsdp:
+                    break
+                # FSDP: every forward/backward is a collective, so all ranks run the whole
+                # window; the step is dropped (or stops) below on every rank alike.
+            backward_loss(ls, denom).backward()  # FSDP: reduce-scatters the averaged gradients
             loss_num += ls.weighted_sum.detach().double()
         if d.world > 1:  # average gradients (backward_loss scaled them by world size) and the loss
             flag = torch.tensor([0.0 if finite else 1.0], device=d.device)
             dist.all_reduce(flag)
             finite = finite and flag.item() == 0
-            for p in trainable:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                dist.all_reduce(p.grad)
-                p.grad /= d.world
+            if not fsdp:
+                for p in trainable:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    dist.all_reduce(p.grad)
+                    p.grad /= d.world
             dist.all_reduce(loss_num)
         gnorm = torch.nn.utils.clip_grad_norm_(trainable, cfg.train.max_grad_norm or float("inf"))
+        if hasattr(gnorm, "full_tensor"):  # FSDP: a DTensor; the norm of the whole gradient
+            gnorm = gnorm.full_tensor()
         if not finite or not torch.isfinite(gnorm):
             where = f"step {step + 1}, micro-batches {step * accum}..{step * accum + accum - 1}"
             if cfg.train.nonfinite == "stop":
@@ -371,16 +425,18 @@ def train(cfg: Config, *, resume: bool = False) -> TrainResult:
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total:
             run_eval(f"at step {step}")
         if cfg.train.save_every and step % cfg.train.save_every == 0 and step < total:
-            _save(out, step, model, optimizer, scheduler, cfg, d)
+            _save(out, step, runner, optimizer, scheduler, cfg, d)
     if bar is not None:
         bar.close()
     log(f"trained {step - start} steps in {time.time() - t_start:.0f}s; skipped non-finite steps: {skipped}")
     eval_after = run_eval("after training")
-    _save(out, step, model, optimizer, scheduler, cfg, d)
+    _save(out, step, runner, optimizer, scheduler, cfg, d)
     final = out / "final"
+    # FSDP: every rank takes part in gathering the whole weights (adapters only for LoRA) to rank 0
+    final_state = ckpt.gathered_state(runner, trainable_only=cfg.train.method == "lora") if fsdp else None
     if d.main:
         try:
-            ckpt.save_final(final, model, tokenizer, cfg)
+            ckpt.save_final(final, model, tokenizer, cfg, state_dict=final_state)
         except OSError as e:
             raise TurntuneError(f"train.output_dir: cannot write the result to {final}: {e.strerror or e}; "
                                 f"the last checkpoint ({ckpt.latest(out)}) is intact") from None
