@@ -159,3 +159,54 @@ def test_fsdp_full_fine_tuning_equals_one_process(tiny_llama_path, tmp_path):
     assert sorted(b) == sorted(a)  # the tied head is written once, as without FSDP
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
+
+
+EVAL_SCRIPT = """
+import json, sys
+import torch, torch.distributed as dist
+from turntune.collate import pack
+from turntune.data import load_conversations
+from turntune.encode import EncodeOptions, encode_conversations, resolve_template
+from turntune.evaluate import evaluate
+from turntune.models import add_lora, load_model, load_tokenizer
+from turntune.train import Dist, shard_model
+
+model_dir, data, result = sys.argv[1:]
+dist.init_process_group("gloo")
+tok = load_tokenizer(model_dir)
+convs = load_conversations(data).conversations
+examples = encode_conversations(convs, resolve_template(tok, "auto"), EncodeOptions("all", "token", 512))
+torch.manual_seed(0)
+model = add_lora(load_model(model_dir), 4, 8, 0.0)
+for p in model.parameters():
+    dist.broadcast(p.data, 0)
+kw = dict(pad_id=tok.pad_token_id, max_length=512, rows_per_batch=1)
+whole = evaluate(model, examples, **kw)
+root = shard_model(model, Dist(dist.get_rank(), dist.get_world_size()))
+sharded = evaluate(root, examples, **kw)
+if dist.get_rank() == 0:
+    json.dump({"rows": len(pack(list(examples), 512)), "whole": [whole.loss, whole.tokens, whole.per_turn],
+               "sharded": [sharded.loss, sharded.tokens, sharded.per_turn]}, open(result, "w"))
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp_evaluation_with_uneven_shares_of_rows(tiny_glm_path, tmp_path):
+    """Ranks with different numbers of eval batches: the sharded model must still run the same
+    number of forwards on each (each gathers weights collectively), or the run would hang."""
+    script = tmp_path / "eval_fsdp.py"
+    script.write_text(EVAL_SCRIPT)
+    data = tmp_path / "eval8.jsonl"
+    data.write_text("\n".join((ROOT / "examples/data/eval.jsonl").read_text().splitlines()[:8]) + "\n")
+    result = tmp_path / "result.json"
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        f"--master_port={_free_port()}", "--master_addr=127.0.0.1", str(script), str(tiny_glm_path),
+                        str(data), str(result)], env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    r = json.loads(result.read_text())
+    assert r["rows"] % 2 == 1  # one batch of one row more on rank 0 than on rank 1
+    assert r["sharded"][1] == r["whole"][1] > 0
+    assert r["sharded"][0] == pytest.approx(r["whole"][0], rel=1e-6)
+    assert r["sharded"][2].keys() == r["whole"][2].keys()
+    for k, (loss, n) in r["whole"][2].items():
+        assert r["sharded"][2][k][1] == n and r["sharded"][2][k][0] == pytest.approx(loss, rel=1e-6)

@@ -32,7 +32,8 @@ from turntune.data import load_conversations
 from turntune.encode import EncodeOptions, EncodeReport, encode_conversations, resolve_template
 from turntune.errors import ConfigError, TurntuneError
 from turntune.evaluate import EvalResult, evaluate, turn_kinds
-from turntune.loss import LossModel, backward_loss, batch_loss, check_matches_model, model_parts, window_weight
+from turntune.loss import (LossModel, backward_loss, batch_loss, check_matches_model, model_parts,
+                           per_token_losses, window_weight)
 from turntune import checkpoint as ckpt
 from turntune.models import add_lora, load_model, load_tokenizer, resolve_path
 
@@ -294,7 +295,12 @@ def train(cfg: Config, *, resume: bool = False) -> TrainResult:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.train.method == "lora":
             model.enable_input_require_grads()
-    model.to(d.device)
+    # `runner` is what the step, evaluation and checkpoints call: the model, or the FSDP2 root.
+    fsdp = cfg.train.parallel == "fsdp" and d.world > 1
+    if cfg.train.parallel == "fsdp" and not fsdp:
+        log("train.parallel=fsdp with one process: nothing to shard, the model runs whole")
+    if not fsdp:  # FSDP moves each unit to the device as it shards it: the whole never has to fit
+        model.to(d.device)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_train = sum(p.numel() for p in trainable)
@@ -302,22 +308,31 @@ def train(cfg: Config, *, resume: bool = False) -> TrainResult:
     log(f"model: {type(model).__name__} from {model_dir}; trainable {n_train:,} of {n_all:,} parameters")
     if d.world > 1:  # identical starting weights on every rank (LoRA init draws random numbers)
         for p in trainable:
-            dist.broadcast(p.data, 0)
+            if p.device == d.device:
+                dist.broadcast(p.data, 0)
+            else:  # FSDP, still on the CPU: nccl broadcasts device tensors only
+                on_device = p.data.to(d.device)
+                dist.broadcast(on_device, 0)
+                p.data.copy_(on_device)
     pad_id = tokenizer.pad_token_id
     data = MicroBatches(train_ex, cfg, d, pad_id)
-    # Once, before training: turntune's label-only loss must equal the model's own loss on a real
-    # batch, or this architecture's head does something we do not reproduce (raises ConfigError).
-    # Before sharding: the model's own forward would not gather the root unit's parameters.
-    check_matches_model(model, data.get(0).to(d.device))
-
-    # `runner` is what the step, evaluation and checkpoints call: the model, or the FSDP2 root.
-    fsdp = cfg.train.parallel == "fsdp" and d.world > 1
-    if cfg.train.parallel == "fsdp" and not fsdp:
-        log("train.parallel=fsdp with one process: nothing to shard, the model runs whole")
     runner: torch.nn.Module = shard_model(model, d) if fsdp else model
     if fsdp:
         trainable = [p for p in runner.parameters() if p.requires_grad]  # now sharded (DTensor)
         log(f"FSDP2: {len(decoder_layers(model))} decoder layers + the root sharded over {d.world} ranks")
+    # Once, before training: turntune's label-only loss must equal the model's own loss on a real
+    # batch, or this architecture's head does something we do not reproduce (raises ConfigError).
+    first = data.get(0).to(d.device)
+    if fsdp:
+        # The model's own forward below bypasses the root: run the root once first (FSDP sets
+        # itself up in the root's first forward), then gather the root unit's weights for it;
+        # each layer gathers its own.
+        with torch.no_grad():
+            per_token_losses(runner, first)
+        runner.unshard()
+    check_matches_model(model, first)
+    if fsdp:
+        runner.reshard()
     optimizer = torch.optim.AdamW(param_groups(runner, cfg.train.weight_decay), lr=cfg.train.lr,
                                   betas=(0.9, 0.95), eps=1e-8)
     accum = cfg.train.grad_accum
