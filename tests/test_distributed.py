@@ -210,3 +210,20 @@ def test_fsdp_evaluation_with_uneven_shares_of_rows(tiny_glm_path, tmp_path):
     assert r["sharded"][2].keys() == r["whole"][2].keys()
     for k, (loss, n) in r["whole"][2].items():
         assert r["sharded"][2][k][1] == n and r["sharded"][2][k][0] == pytest.approx(loss, rel=1e-6)
+
+
+def test_parallel_is_ddp_or_fsdp():
+    from turntune.config import load_config
+    from turntune.errors import ConfigError
+
+    assert load_config(None).train.parallel == "ddp"
+    assert load_config(None, ["train.parallel=fsdp"]).train.parallel == "fsdp"
+    with pytest.raises(ConfigError, match=r"^train.parallel: unknown value 'zero3'; valid values: ddp, fsdp$"):
+        load_config(None, ["train.parallel=zero3"])
+
+
+def test_fsdp_with_one_process_runs_the_whole_model(one_process, tiny_glm_path, tmp_path):
+    stdout = _run(_cfg(tmp_path, tiny_glm_path, tmp_path / "one", 2, parallel="fsdp"), 1)
+    assert "train.parallel=fsdp with one process: nothing to shard, the model runs whole" in stdout
+    assert "FSDP2" not in stdout
+    assert _metrics(tmp_path / "one") == _metrics(one_process)
