@@ -592,6 +592,36 @@ def test_a_template_that_never_reads_tools_shares_shapes_across_tool_lists(chatm
     assert [text_of(qwen25, r.input_ids) for r in rendered] == [hf_text(qwen25, c) for c in same]
 
 
+def test_labels_and_weights_by_runs_equal_the_per_token_rule():
+    from turntune.encode import _labels_and_weights
+
+    ids = list(range(100, 112))
+    for turn, ends in [([-1, -1, 0, 0, 0, -1, -1, 1, 1, -1, -1, -1], {0: 5, 1: 9}),  # runs: fast way
+                       ([-1, 0, 0, -1, 0, -1, -1, -1, -1, -1, -1, -1], {0: 3}),  # turn 0 in two pieces
+                       ([-1, 0, 0, 1, 1, -1, -1, -1, -1, -1, -1, -1], {0: 3}),  # a labelled turn not in ends
+                       ([-1, 0, 0, -1, -1, -1, -1, -1, -1, -1, 1, 1], {0: 3, 1: 99}),  # an end past the tokens
+                       ([-1] * 12, {0: 4})]:  # nothing left to train
+        labels, weight = _labels_and_weights(ids, turn, ends)
+        assert labels == [-100 if t < 0 else x for x, t in zip(ids, turn)]
+        assert weight == [0.0 if t < 0 else 1.0 for t in turn]
+
+
+def test_encoding_makes_no_garbage_cycles_and_leaves_the_collector_as_it_was(chatml, qwen25):
+    import gc
+
+    convs = [BASIC, TOOLS, conv(("user", "x"), ("assistant", "y"))] * 3
+    for tok in (chatml, qwen25):
+        gc.collect()
+        gc.disable()
+        try:
+            exs = encode_conversations(convs, HFTemplate(tok), EncodeOptions("all"))
+            assert not gc.isenabled() and gc.collect() == 0  # reference counting freed everything
+        finally:
+            gc.enable()
+        again = encode_conversations(convs, HFTemplate(tok), EncodeOptions("all"), chunk=2)
+        assert gc.isenabled() and [vars(e) for e in again] == [vars(e) for e in exs]
+
+
 def test_render_many_equals_render_one_by_one(chatml, qwen25):
     convs = [BASIC, Conversation(BASIC.messages[1:], source="y"), conv(("user", "x"), ("assistant", "y")), BASIC]
     t = HFTemplate(chatml)

@@ -17,6 +17,8 @@ rendering is not prefix-stable are expanded for real, and conversations longer t
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import statistics
 import warnings
 from collections import Counter
@@ -159,10 +161,14 @@ def encode_conversations(
     options: EncodeOptions = EncodeOptions(),
     *,
     report: EncodeReport | None = None,
-    chunk: int = 512,
+    chunk: int = 4096,
     progress=None,
 ) -> list[Example]:
-    """Encode many conversations; tokenizer calls are batched ``chunk`` conversations at a time."""
+    """Encode many conversations; tokenizer calls are batched ``chunk`` conversations at a time.
+
+    Why 4096: each batch call wakes the tokenizer's thread pool, and its threads burn CPU before
+    going back to sleep; 4 calls of 512 cost ~20% more tokenizer CPU than 1 call of 2,000 here.
+    """
     if options.strategy == "full":  # Python's default filter shows it once per call site
         warnings.warn("strategy 'full' trains on user and system tokens too: the model learns to write "
                       "the user's turns. Use 'all' unless you are comparing.", stacklevel=2)
@@ -171,13 +177,36 @@ def encode_conversations(
     out: list[Example] = []
     render_many = getattr(template, "render_many", None)
     for lo in range(0, len(convs), chunk):
-        part = convs[lo:lo + chunk]
-        rendered = render_many(part) if render_many else [template.render(c) for c in part]
-        for conv, r in zip(part, rendered):
-            out.extend(_Encoder(conv, r, template, options, report).run())
+        with _young_collections_only():
+            part = convs[lo:lo + chunk]
+            rendered = render_many(part) if render_many else [template.render(c) for c in part]
+            for conv, r in zip(part, rendered):
+                out.extend(_Encoder(conv, r, template, options, report).run())
         if progress is not None:
             progress(len(part))
     return out
+
+
+@contextlib.contextmanager
+def _young_collections_only():
+    """Pause Python's cyclic garbage collector for one chunk, then collect what the chunk made.
+
+    Encoding makes tens of lists of hundreds of ints per conversation and (with the shipped
+    templates) no reference cycles: reference counting frees everything. Left running, the
+    collector traverses those young lists over and over, and each full collection traverses the
+    whole heap (the examples so far, a loaded model, the data): up to a fifth of the encoding time
+    on the benchmark. One young-generation collection per chunk still frees any cycles a chunk
+    made (a template's macros can make some), so memory stays bounded by a chunk.
+    """
+    if not gc.isenabled():  # the caller manages the collector (or this is a nested call)
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+        gc.collect(0)
 
 
 # -- one conversation ---------------------------------------------------------------------------
@@ -315,7 +344,8 @@ class _Encoder:
         r = self.r
         end = min(len(r.input_ids), self.limit)
         labels = [IGNORE_INDEX] + r.input_ids[1:end]  # position 0 is never predicted
-        ex = Example(r.input_ids[:end], labels, r.turn[:end], [0.0] * end, self.conv.source, self.n, r.message[:end])
+        weight = [0.0] + [1.0] * (end - 1) if end else []  # token weights; _weigh sets the others
+        ex = Example(r.input_ids[:end], labels, r.turn[:end], weight, self.conv.source, self.n, r.message[:end])
         self.report.replies_trained += len({t for t in r.turn[:end] if t >= 0})
         self.report.reply_tokens_trained += sum(1 for t in r.turn[:end] if t >= 0)
         return ex
@@ -333,7 +363,6 @@ class _Encoder:
             turn = [t + t0 if t in train else -1 for t in r.turn[:end]]
         if end:
             turn[0] = -1  # position 0 has nothing before it to predict it from
-        labels = [IGNORE_INDEX if t < 0 else x for x, t in zip(ids, turn)]
         message = r.message[:end] if len(keep) == len(self.conv.messages) else [keep[m] if m >= 0 else -1 for m in r.message[:end]]
         seen = {}
         pos = 0
@@ -356,21 +385,20 @@ class _Encoder:
                     trained_turns.discard(t)
                     for i in range(end):
                         if turn[i] == t:
-                            labels[i], turn[i] = IGNORE_INDEX, -1
+                            turn[i] = -1
         elif cut:
             rep.replies_cut += sum(1 for t in trained_turns if r.turn_end[t - t0] > self.limit)
         rep.replies_trained += len(trained_turns)
         rep.reply_tokens_trained += end - turn.count(-1)
         for t in trained_turns:
             rep.history_seen.append(seen[t])
-        return Example(ids, labels, turn, [0.0] * end, self.conv.source, self.n, message)
+        labels, weight = _labels_and_weights(ids, turn, {t: r.turn_end[t - t0] for t in trained_turns})
+        return Example(ids, labels, turn, weight, self.conv.source, self.n, message)
 
     def _weigh(self, exs: list[Example]) -> None:
         """Per-token weights: the loss of any batch is sum(w * loss) / sum(w)."""
         w = self.o.weighting
-        if w == "token":
-            for e in exs:
-                e.weight[:] = [0.0 if lab == IGNORE_INDEX else 1.0 for lab in e.labels]
+        if w == "token":  # _make and _full made token weights already
             return
         per_turn = Counter(t for e in exs for t, lab in zip(e.turn, e.labels) if lab != IGNORE_INDEX)
         total = sum(e.n_trained for e in exs)
@@ -378,10 +406,42 @@ class _Encoder:
             for i, lab in enumerate(e.labels):
                 if lab == IGNORE_INDEX:
                     continue
-                if w == "token":
-                    e.weight[i] = 1.0
-                elif w == "turn":  # each reply counts once; `full`'s user tokens count as one turn
+                if w == "turn":  # each reply counts once; `full`'s user tokens count as one turn
                     e.weight[i] = 1.0 / per_turn[e.turn[i]]
                 else:
                     e.weight[i] = 1.0 / total
 
+
+
+def _labels_and_weights(ids: list[int], turn: list[int], ends: dict[int, int]) -> tuple[list[int], list[float]]:
+    """Labels (``ids[i]`` where ``turn[i] >= 0``, IGNORE_INDEX elsewhere) and token weights (1.0 on
+    labels, 0.0 elsewhere); ``ends``: each trained turn and where its tokens should end.
+
+    A template renders each reply as one run of tokens ending at its ``turn_end``, so both lists
+    are built run by run with list operations at C speed (two per-token comprehensions were a
+    third of the encoder's time). Every position is checked on the way (each gap holds only -1,
+    each run only its turn); anything else takes the per-token way, with the same result.
+    """
+    labels: list[int] = []
+    weight: list[float] = []
+    at = 0
+    for t, stop in sorted(ends.items(), key=lambda te: te[1]):
+        try:
+            start = turn.index(t, at)
+        except ValueError:
+            continue  # nothing of this turn left (cut off): the gap checks see to the rest
+        stop, gap = min(stop, len(turn)), start - at
+        if stop <= start or turn[at:start] != [-1] * gap or turn[start:stop] != [t] * (stop - start):
+            break
+        labels += [IGNORE_INDEX] * gap
+        labels += ids[start:stop]
+        weight += [0.0] * gap
+        weight += [1.0] * (stop - start)
+        at = stop
+    else:
+        if turn[at:] == [-1] * (len(turn) - at):
+            labels += [IGNORE_INDEX] * (len(turn) - at)
+            weight += [0.0] * (len(turn) - at)
+            return labels, weight
+    labels = [IGNORE_INDEX if t < 0 else x for x, t in zip(ids, turn)]
+    return labels, [0.0 if t < 0 else 1.0 for t in turn]

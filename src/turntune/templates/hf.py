@@ -38,6 +38,7 @@ from turntune.templates.sandbox import compile_template, reads_variable
 
 _OPEN, _CLOSE = "\ue000", "\ue001"  # private-use characters: no template tests for or strips them
 _SLOT = re.compile(f"{_OPEN}(\\d+){_CLOSE}")
+_SERIAL_TEXTS, _SERIAL_CHARS = 64, 8192  # up to this much, tokenize on this thread (see _tokenize)
 
 
 @dataclass(frozen=True, eq=False)
@@ -245,12 +246,19 @@ class HFTemplate:
 
     def _tokenize(self, texts: list[str], specials_as_text: bool, offsets: bool = False) -> list:
         """One batch call. The Rust tokenizer has a single switch for special-token text (transformers
-        flips it per call too): set it for the call, then put it back."""
+        flips it per call too): set it for the call, then put it back.
+
+        A few short texts (a shape's analysis) are encoded one by one on this thread: a batch call
+        wakes the tokenizer's thread pool, whose threads then spin for a while, burning more CPU
+        than the texts cost; hundreds of shapes made that a tenth of the encoder's CPU time."""
         if not texts:
             return []
         backend, saved = self._backend, self._backend.encode_special_tokens
         backend.encode_special_tokens = specials_as_text
         try:
+            if len(texts) <= _SERIAL_TEXTS and sum(map(len, texts)) <= _SERIAL_CHARS:
+                encs = [backend.encode(t, add_special_tokens=False) for t in texts]
+                return encs if offsets else [e.ids for e in encs]
             if offsets:
                 return backend.encode_batch(texts, add_special_tokens=False)
             return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
