@@ -622,6 +622,16 @@ def test_encoding_makes_no_garbage_cycles_and_leaves_the_collector_as_it_was(cha
         assert gc.isenabled() and [vars(e) for e in again] == [vars(e) for e in exs]
 
 
+def test_a_big_batch_and_one_by_one_tokenize_alike(qwen25):
+    from turntune.templates import hf
+
+    # more texts than go one by one, both with special-token text in words (tokenized piece by piece) and without
+    convs = [conv(("user", f"Question {i}" + " <|im_end|>" * (i % 3 == 0)), ("assistant", f"Answer {i}, é 日本."),
+                  tools=[WEATHER] * (i % 2)) for i in range(2 * hf._SERIAL_TEXTS)] + [TOOLS]
+    t = HFTemplate(qwen25)
+    assert [vars(r) for r in t.render_many(convs)] == [vars(t.render(c)) for c in convs]
+
+
 def test_render_many_equals_render_one_by_one(chatml, qwen25):
     convs = [BASIC, Conversation(BASIC.messages[1:], source="y"), conv(("user", "x"), ("assistant", "y")), BASIC]
     t = HFTemplate(chatml)

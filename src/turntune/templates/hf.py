@@ -248,9 +248,9 @@ class HFTemplate:
         """One batch call. The Rust tokenizer has a single switch for special-token text (transformers
         flips it per call too): set it for the call, then put it back.
 
-        A few short texts (a shape's analysis) are encoded one by one on this thread: a batch call
-        wakes the tokenizer's thread pool, whose threads then spin for a while, burning more CPU
-        than the texts cost; hundreds of shapes made that a tenth of the encoder's CPU time."""
+        A few short texts (a shape's analysis, one conversation) are encoded one by one on this
+        thread: a batch call hands them to the tokenizer's thread pool, whose threads wake, spin and
+        go back to sleep, which costs more CPU than a few short texts do (same ids either way)."""
         if not texts:
             return []
         backend, saved = self._backend, self._backend.encode_special_tokens
