@@ -109,29 +109,30 @@ def _at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
 
 
 class _CrossEntropy(torch.autograd.Function):
-    """Per-row cross-entropy ``logsumexp(x) - x[target]`` with a lighter backward.
+    """Per-row cross-entropy ``-log_softmax(x)[target]`` with a lighter backward.
 
-    ``F.cross_entropy`` keeps the whole log-softmax (rows x V) for backward, and its backward
-    first fills a zero rows x V gradient for the NLL gather, then reads both. With V = 151,552
-    those passes over memory are a visible part of a label-only step. Here forward keeps the
-    logits and one number per row; backward writes ``g * (softmax - onehot)`` straight into one
-    new tensor. Same values as ``F.cross_entropy(..., reduction="none")`` (tests/test_loss.py);
-    with 17% of positions trained it cuts the label-only step's CPU time by a few percent
-    (bench/README.md "Batching").
+    ``F.cross_entropy`` is log-softmax then NLL; the NLL's backward first fills a zero rows x V
+    gradient to scatter into, and log-softmax's backward then reads it and the saved output.
+    With V = 151,552 those passes over memory are a visible part of a label-only step. Here
+    backward writes ``g * (softmax - onehot)`` straight into one new tensor (``exp`` of the
+    saved log-softmax, scaled in place, the target column corrected by a scatter). Same values
+    as ``F.cross_entropy(..., reduction="none")`` (tests/test_loss.py); measured in
+    bench/README.md "Batching".
     """
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-        lse = torch.logsumexp(logits, dim=-1)
-        ctx.save_for_backward(logits, targets, lse)
-        return lse - logits.gather(1, targets[:, None]).squeeze(1)
+        logp = torch.log_softmax(logits, dim=-1)
+        ctx.save_for_backward(logp, targets)
+        return -logp.gather(1, targets[:, None]).squeeze(1)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: ANN001
-        logits, targets, lse = ctx.saved_tensors
-        out = torch.sub(logits, lse[:, None]).exp_().mul_(grad[:, None].to(logits.dtype))
-        out.scatter_add_(1, targets[:, None], -grad[:, None].to(out.dtype))
+        logp, targets = ctx.saved_tensors
+        g = grad[:, None].to(logp.dtype)
+        out = torch.exp(logp).mul_(g)
+        out.scatter_add_(1, targets[:, None], -g)
         return out, None
 
 
