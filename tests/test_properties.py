@@ -190,9 +190,30 @@ def _write_lines(folder: Path, lines: list[bytes]) -> Path:
     return path
 
 
+def _has_a_record(path: Path) -> bool:
+    """A line that is not blank: undecodable, or text with something besides whitespace (and a BOM)."""
+    for raw in path.read_bytes().split(b"\n"):
+        try:
+            text = raw.removeprefix(b"\xef\xbb\xbf").decode("utf-8")
+        except UnicodeDecodeError:
+            return True
+        if text.strip():
+            return True
+    return False
+
+
 def load_and_encode(path: Path, template, opts: EncodeOptions) -> tuple[list[Conversation], list[Example], EncodeReport] | None:
-    """Skip mode must never raise on a JSONL file; error mode raises DataError or agrees with it."""
-    skipping = load_conversations(path, on_invalid="skip")
+    """Skip mode raises on a JSONL file only when it holds no record at all (rule no_records, in
+    both modes); otherwise error mode raises DataError or agrees with skip mode."""
+    try:
+        skipping = load_conversations(path, on_invalid="skip")
+    except DataError as err:
+        assert err.rule == "no_records" and not _has_a_record(path), str(err)
+        with pytest.raises(DataError, match="no records"):
+            load_conversations(path)
+        event("no records")
+        return None
+    assert _has_a_record(path)
     r = skipping.report
     assert r.valid == len(skipping.conversations) and r.records == r.valid + r.n_skipped
     assert set(r.skipped) <= set(RULES)
