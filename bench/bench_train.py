@@ -46,7 +46,9 @@ ROOT = Path(__file__).resolve().parent.parent
 TRAIN = ROOT / "examples" / "data" / "train.jsonl"
 TEMPLATE = ROOT / "examples" / "templates" / "chatml-tools.jinja"
 GEN_TEMPLATE = ROOT / "bench" / "templates" / "chatml-tools-generation.jinja"
-VARIANTS = ("plain", "turntune", "trl", "tt-dataset")
+VARIANTS = ("plain", "turntune", "trl", "tt-dataset", "tt-varlen", "ttd-varlen")
+DATASET = ("tt-dataset", "ttd-varlen")  # packed over the whole pool, as `turntune train` batches
+# the -varlen variants: the same as turntune / tt-dataset with attention per packed example (sdpa_varlen)
 LR, CLIP, LORA = 1e-4, 1.0, dict(r=8, alpha=16, dropout=0.0, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
 
 
@@ -95,14 +97,14 @@ def _ex(d: dict):  # noqa: ANN202
 
 # ---- one variant, in its own process ----------------------------------------------------------
 
-def _model():  # noqa: ANN202
+def _model(attn: str = "sdpa"):  # noqa: ANN202
     import torch
 
     from turntune.assets import smollm2_dir
     from turntune.models import add_lora, load_model
 
     torch.manual_seed(0)  # identical LoRA init in every variant (B = 0: the first loss is the base model's)
-    model = load_model(smollm2_dir(), dtype="float32", attn_implementation="sdpa")
+    model = load_model(smollm2_dir(), dtype="float32", attn_implementation=attn)
     model = add_lora(model, LORA["r"], LORA["alpha"], LORA["dropout"], LORA["targets"])
     model.train()
     return model
@@ -115,13 +117,13 @@ def run_loop(variant: str, groups: list[list[dict]], pad_id: int, max_length: in
     from turntune.collate import pack_batch, pad_batch, rows_batch
     from turntune.loss import backward_loss, batch_loss, window_weight
 
-    model = _model()
+    model = _model("sdpa_varlen" if variant.endswith("varlen") else "sdpa")
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=LR)
     setup_rss, steps = rss_mib(), []
     for group in groups:
         t0, c0 = time.perf_counter(), time.process_time()
-        if variant == "tt-dataset":  # group = rows of examples, packed over the whole pool
+        if variant in DATASET:  # group = rows of examples, packed over the whole pool
             exs = [[_ex(d) for d in row] for row in group]
         else:
             exs = [_ex(d) for d in group]
@@ -130,7 +132,7 @@ def run_loop(variant: str, groups: list[list[dict]], pad_id: int, max_length: in
             loss = model(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels).loss
             loss.backward()
         else:
-            b = (rows_batch(exs, pad_id=pad_id) if variant == "tt-dataset"
+            b = (rows_batch(exs, pad_id=pad_id) if variant in DATASET
                  else pack_batch(exs, pad_id=pad_id, max_length=max_length))
             ls = batch_loss(model, b)
             denom = window_weight([b])
@@ -282,7 +284,7 @@ def throughput(max_length: int, batch: int, warmup: int, steps: int, rounds: int
               f"{1 - real / slots:9.1%}{rows:6.1f}{peak:14.0f}{grow:10.0f}{ratio}{cratio}")
     print("    wall s per timed step: " + "; ".join(f"{v} " + " ".join(f"{s['wall']:.1f}" for s in timed[v])
                                                  for v in variants))
-    first = {v: runs[0]["steps"][0]["loss"] for v, runs in res.items() if v != "tt-dataset"}
+    first = {v: runs[0]["steps"][0]["loss"] for v, runs in res.items() if v not in DATASET}
     if "plain" in first:
         ref = first["plain"]
         parts = [f"{v} {l:.6f} (rel. diff {abs(l - ref) / abs(ref):.1e})" for v, l in first.items()]
@@ -295,7 +297,7 @@ def throughput(max_length: int, batch: int, warmup: int, steps: int, rounds: int
         print(f"    TRL's tokenization vs turntune's: {r0['same_tokens']}/{r0['checked']} conversations with the same "
               f"input ids and trained positions (TRL adds {r0['extra_tokens']} untrained trailing tokens in all: "
               "the '\\n' after the last <|im_end|>)")
-    for v in ("turntune", "tt-dataset"):
+    for v in ("turntune", "tt-dataset", "tt-varlen", "ttd-varlen"):
         if v in stats and base:  # CPU time is the steadier figure on a shared machine: both must pass
             w, c = stats[v]["rate"] / base["rate"], stats[v]["cpu_rate"] / base["cpu_rate"]
             verdict = "met" if min(w, c) >= 1.5 else ("met by wall time only" if w >= 1.5 else
@@ -306,7 +308,7 @@ def throughput(max_length: int, batch: int, warmup: int, steps: int, rounds: int
 
 def worker_main(variant: str, data_file: str, warmup: int, steps: int, max_length: int) -> None:
     data = json.loads(Path(data_file).read_text())
-    groups = data["dataset_batches" if variant == "tt-dataset" else "groups"][: warmup + steps]
+    groups = data["dataset_batches" if variant in DATASET else "groups"][: warmup + steps]
     if variant == "trl":
         with tempfile.TemporaryDirectory() as out:
             result = run_trl(groups, data["convs"], max_length, out)

@@ -11,12 +11,13 @@ from transformers import GlmConfig, GlmForCausalLM, LlamaConfig, LlamaForCausalL
 
 from turntune.collate import (
     block_causal_mask, length_grouped_batches, model_inputs, pack, pack_batch, packed_batches, pad_batch,
-    rows_batch, token_budget_batches,
+    rows_batch, token_budget_batches, varlen_kwargs,
 )
+from turntune.attention import register as register_attention
 from turntune.constants import IGNORE_INDEX as IG
 from turntune.errors import ConfigError, DataError
 from turntune.example import Example
-from turntune.loss import per_token_losses
+from turntune.loss import batch_loss, per_token_losses
 
 VOCAB = 101
 
@@ -38,6 +39,7 @@ def random_example(rng: random.Random, n: int) -> Example:
 
 
 def tiny_model(kind: str, impl: str) -> torch.nn.Module:
+    register_attention()  # "sdpa_varlen"
     torch.manual_seed(0)
     common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, intermediate_size=128, attn_implementation=impl)
@@ -152,7 +154,7 @@ def test_pack_batch_layout() -> None:
 
 
 @pytest.mark.parametrize("kind", ["llama", "glm"])
-@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("impl", ["eager", "sdpa", "sdpa_varlen"])
 def test_packed_and_padded_losses_equal_single(kind: str, impl: str) -> None:
     model = tiny_model(kind, impl)
     rng = random.Random(3)
@@ -179,6 +181,45 @@ def test_packed_and_padded_losses_equal_single(kind: str, impl: str) -> None:
                         compared += int((single[i] > 0).sum())
                         start += n
                 assert compared == sum(e.n_trained - (e.labels[0] != IG) for e in exs)
+
+
+def test_varlen_kwargs_exact() -> None:
+    b = rows_batch([[ex([1, 2, 3], [2]), ex([4, 5], [1])], [ex([6, 7, 8, 9, 10, 11], [3])]], pad_id=0)
+    kw = varlen_kwargs(b)  # width 6: row 0 = 3 + 2 + 1 pad, row 1 = 6
+    assert kw["cu_seq_lens_q"].tolist() == kw["cu_seq_lens_k"].tolist() == [0, 3, 5, 6, 12]
+    assert kw["cu_seq_lens_q"].dtype == torch.int32 and kw["max_length_q"] == kw["max_length_k"] == 6
+    assert "cu_seq_lens_q" not in model_inputs(b) and model_inputs(b, varlen=True)["max_length_q"] == 6
+    with pytest.raises(ConfigError, match="padded batch"):
+        varlen_kwargs(pad_batch([ex([1, 2], [1])], pad_id=0))
+
+
+@pytest.mark.parametrize("kind", ["llama", "glm"])
+def test_sdpa_varlen_reads_the_boundaries_and_gives_sdpa_gradients(kind: str) -> None:
+    """Training through sdpa_varlen: same loss and gradients as sdpa on the same packed batch; and
+    the boundaries are what keeps examples apart (one segment per row leaks attention)."""
+    rng = random.Random(5)
+    exs = [random_example(rng, n) for n in (9, 17, 5, 12, 20, 7)]
+    batch = pack_batch(exs, pad_id=0, max_length=24)
+    assert len(batch.seq_lens) >= 2 and any(len(lens) > 1 for lens in batch.seq_lens)
+    results = []
+    for impl in ("sdpa", "sdpa_varlen"):
+        model = tiny_model(kind, impl).train()
+        ls = batch_loss(model, batch)
+        ls.weighted_sum.backward()
+        results.append((float(ls.weighted_sum), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (la, ga), (lb, gb) = results
+    assert lb == pytest.approx(la, rel=1e-6)
+    for name in ga:
+        torch.testing.assert_close(gb[name], ga[name], atol=1e-6 * float(ga[name].abs().max()), rtol=1e-4, msg=name)
+    with torch.no_grad():
+        good = model(**model_inputs(batch, varlen=True)).logits
+        width = batch.input_ids.shape[1]
+        rows = torch.arange(len(batch.seq_lens) + 1, dtype=torch.int32) * width
+        wrong = {**model_inputs(batch, varlen=True), "cu_seq_lens_q": rows, "cu_seq_lens_k": rows}
+        leaky = model(**wrong).logits
+    first = batch.seq_lens[0][0]
+    torch.testing.assert_close(leaky[0, :first], good[0, :first])  # the row's first example sees the same
+    assert (leaky[0, first:] - good[0, first:]).abs().max() > 1e-3  # the next one saw the first
 
 
 def test_packed_with_cache_attends_across_examples() -> None:

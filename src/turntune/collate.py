@@ -11,10 +11,12 @@ Two layouts, one label rule.
   ``use_cache`` is true, and it defaults to ``config.use_cache`` (true for every chat model), so a
   plain ``model(input_ids, position_ids=...)`` silently lets each example attend to the previous
   ones in its row. ``model_inputs`` therefore always passes ``use_cache=False``; a test pins the
-  trap. We keep position_ids (not a 4-D mask) as the default because it is O(T) memory, keeps
-  sdpa's fused kernels, and is exactly what flash_attention_2's varlen path reads
-  (``cu_seqlens`` from position_ids) on CUDA. ``block_causal_mask`` gives the 4-D float
-  alternative (O(T^2) per row; float, since eager *adds* the mask and a boolean one is wrong).
+  trap. We keep position_ids (not a 4-D mask) as the default because it is O(T) memory.
+  ``block_causal_mask`` gives the 4-D float alternative (O(T^2) per row; float, since eager
+  *adds* the mask and a boolean one is wrong). Attention that works per example
+  (``attention.sdpa_varlen``, flash-attn's variable-length kernel) gets the example boundaries
+  over the flattened rows from ``varlen_kwargs``: transformers infers them from position_ids only
+  for a single row, so with several rows flash attention would otherwise attend across examples.
 
 The label rule: the first token of every example never has a label. HF-style models shift inside
 (logits at position i predict ``labels[i+1]``), so the label at an example's first position would
@@ -25,6 +27,7 @@ every layout train exactly the same tokens with the same weights.
 from __future__ import annotations
 
 import bisect
+import itertools
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
@@ -239,18 +242,37 @@ def block_causal_mask(batch: Batch, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(allowed, zero, torch.finfo(dtype).min)[:, None]
 
 
-def model_inputs(batch: Batch, *, block_mask_dtype: torch.dtype | None = None) -> dict[str, object]:
+def varlen_kwargs(batch: Batch) -> dict[str, object]:
+    """A packed batch's example boundaries over its flattened rows (``rows * T`` positions), as
+    flash-attn's variable-length kernel and ``attention.sdpa_varlen`` read them: ``cu_seq_lens_q``
+    = ``cu_seq_lens_k`` = ``[0, end of example 1, ...]`` (int32), ``max_length_*`` = the longest.
+    A row's trailing pads are one segment of their own, as in ``rows_batch``."""
+    if batch.attention_mask is not None:
+        raise ConfigError("varlen_kwargs: a padded batch has no packed examples (use its attention_mask)")
+    width = batch.input_ids.shape[1]
+    sizes = [n for lens in batch.seq_lens for n in (*lens, width - sum(lens)) if n > 0]
+    cu = torch.tensor([0, *itertools.accumulate(sizes)], dtype=torch.int32, device=batch.input_ids.device)
+    longest = max(sizes)
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+
+
+def model_inputs(batch: Batch, *, block_mask_dtype: torch.dtype | None = None,
+                 varlen: bool = False) -> dict[str, object]:
     """Exactly the keyword arguments for the model (or its decoder) on this batch.
 
     Always ``use_cache=False``: with a cache, transformers ignores packed ``position_ids`` and
     attends across examples (module doc). With ``block_mask_dtype`` a packed batch gets the 4-D
-    float mask of ``block_causal_mask`` instead of relying on position_ids detection.
+    float mask of ``block_causal_mask`` instead of relying on position_ids detection. With
+    ``varlen`` (a model whose attention reads example boundaries: ``sdpa_varlen``, flash-attn) a
+    packed batch also carries ``varlen_kwargs``.
     """
     out: dict[str, object] = {"input_ids": batch.input_ids, "position_ids": batch.position_ids, "use_cache": False}
     if batch.attention_mask is not None:
         out["attention_mask"] = batch.attention_mask
     elif block_mask_dtype is not None:
         out["attention_mask"] = block_causal_mask(batch, block_mask_dtype)
+    elif varlen:
+        out.update(varlen_kwargs(batch))
     return out
 
 

@@ -34,6 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from turntune.attention import VARLEN_IMPLEMENTATIONS
 from turntune.collate import Batch, model_inputs
 from turntune.constants import IGNORE_INDEX
 from turntune.errors import ConfigError
@@ -224,6 +225,13 @@ class LossModel(nn.Module):
         return weighted, w.sum().detach(), keep.sum()
 
 
+def reads_varlen(model: nn.Module) -> bool:
+    """Whether the model's attention reads packed example boundaries (``attention.VARLEN_IMPLEMENTATIONS``)."""
+    lm = _unwrap(model)
+    lm = lm.get_base_model() if hasattr(lm, "get_base_model") else lm  # through a PEFT wrapper
+    return getattr(getattr(lm, "config", None), "_attn_implementation", None) in VARLEN_IMPLEMENTATIONS
+
+
 def batch_loss(model: nn.Module, batch: Batch, *, full_head: bool = False,
                block_mask_dtype: torch.dtype | None = None) -> LossSum:
     """Forward one micro-batch and return its un-normalised ``LossSum``.
@@ -238,7 +246,7 @@ def batch_loss(model: nn.Module, batch: Batch, *, full_head: bool = False,
     wrapped = isinstance(model, LossModel) or isinstance(getattr(model, "module", None), LossModel)
     runner = model if wrapped else LossModel(model)
     weighted, total, n = runner(batch.labels, batch.weight, full_head,
-                                **model_inputs(batch, block_mask_dtype=block_mask_dtype))
+                                **model_inputs(batch, block_mask_dtype=block_mask_dtype, varlen=reads_varlen(model)))
     return LossSum(weighted, total, int(n))
 
 
@@ -253,7 +261,7 @@ def per_token_losses(model: nn.Module, batch: Batch, *, block_mask_dtype: torch.
     """
     runner = model if isinstance(model, LossModel) else LossModel(_unwrap(model))
     return runner(batch.labels, batch.weight, per_token=True,
-                  **model_inputs(batch, block_mask_dtype=block_mask_dtype))
+                  **model_inputs(batch, block_mask_dtype=block_mask_dtype, varlen=reads_varlen(model)))
 
 
 # ---- normalisation over an accumulation window and all ranks ----

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+from turntune.attention import register as register_attention
 from turntune.errors import ConfigError
 
 BUILTIN = ("builtin:smollm2", "builtin:tiny-glm4")
@@ -56,10 +57,14 @@ def load_model(path: str | Path, *, dtype: str = "float32", attn_implementation:
     if not any(p.glob("*.safetensors")):
         raise ConfigError(f"model.path: {p} has no *.safetensors weights; turntune does not load pickled "
                           "checkpoints (convert them with safetensors first)")
+    register_attention()  # turntune's "sdpa_varlen"
     try:
         model = AutoModelForCausalLM.from_pretrained(
             p, dtype=getattr(torch, dtype), attn_implementation=attn_implementation,
             trust_remote_code=trust_remote_code, use_safetensors=True)
+    except ImportError as e:  # flash_attention_2 without the flash-attn package, or without a GPU
+        raise ConfigError(f"model.attn_implementation={attn_implementation}: not available here ({e}); "
+                          "use sdpa_varlen (or sdpa)") from None
     except ValueError as e:
         if "trust_remote_code" in str(e):
             raise ConfigError(f"model.path: {p} needs code from the folder itself; set model.trust_remote_code=true "
