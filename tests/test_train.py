@@ -137,3 +137,31 @@ def test_chat_with_the_trained_adapter(reference):
     assert [m.role for m in msgs] == ["system", "user", "assistant", "user", "assistant"]
     assert lines[0] == "you> Hi" and lines[1].startswith("assistant> ")
     assert all(isinstance(m.content, str) for m in msgs)
+
+
+def test_demo_run_again_keeps_the_earlier_run(tmp_path, monkeypatch, capsys):
+    """`make demo` twice: the second run writes beside the first (``OUT-2``, then ``OUT-3``),
+    never over it and never stopping on "already holds checkpoints"."""
+    import turntune.train as train_mod
+    from turntune.cli import main
+
+    out = tmp_path / "demo"
+    for name in ("demo", "demo-2"):  # two earlier complete runs
+        folder = tmp_path / name / "checkpoints" / "step-000001"
+        folder.mkdir(parents=True)
+        (folder / "state.json").write_text("{}")
+        (tmp_path / name / "checkpoints" / "latest").write_text("step-000001")
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_train(cfg, resume=False):  # noqa: ANN001
+        seen.append((cfg.train.output_dir, resume))
+        raise Stop
+
+    monkeypatch.setattr(train_mod, "train", fake_train)
+    with pytest.raises(Stop):
+        main(["demo", "--config", str(ROOT / "examples/smollm2-lora.yaml"), f"--train.output_dir={out}"])
+    assert seen == [(f"{out}-3", False)]
+    assert capsys.readouterr().out.startswith(f"{out} holds an earlier run (kept); this one writes to {out}-3\n")

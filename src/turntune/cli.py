@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -114,11 +115,17 @@ def _merge(a) -> int:
 def _demo(a) -> int:
     """The built-in default run: prints held-out loss before/after and a short chat."""
     from turntune.chat import chat_loop, load_for_chat
+    from turntune.checkpoint import latest as latest_checkpoint
     from turntune.config import load_config
     from turntune.encode import resolve_template
     from turntune.train import train
 
     cfg = load_config(a.config, a.overrides)
+    out = Path(cfg.train.output_dir)
+    if latest_checkpoint(out) is not None:  # an earlier demo: keep it, and run again beside it
+        free = next(f"{out}-{i}" for i in itertools.count(2) if latest_checkpoint(Path(f"{out}-{i}")) is None)
+        print(f"{out} holds an earlier run (kept); this one writes to {free}")
+        cfg = load_config(a.config, [*a.overrides, f"train.output_dir={free}"])
     res = train(cfg, resume=False)
     if res.eval_before and res.eval_after:
         drop = res.eval_before.loss - res.eval_after.loss
