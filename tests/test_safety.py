@@ -207,6 +207,13 @@ def test_sandbox_limits_and_format_strings():
     conv = Conversation((Message("user", "q"), Message("assistant", "r")), source="d.jsonl:1")
     with pytest.raises(TemplateError, match=r"^d\.jsonl:1: the chat template failed \(OverflowError: Range too big"):
         HFTemplate(toy_tokenizer(), chat_template="{% for i in range(10**9) %}x{% endfor %}").render(conv)
+    for source, why in [("{{ 'ab' * 10**9 }}", "'*' would make 2,000,000,000 items (the limit is 10,000,000)"),
+                        ("{{ [0] * 20000000 }}", "'*' would make 20,000,000 items (the limit is 10,000,000)"),
+                        ("{{ 7 ** 100000000 }}", "'**' would make an integer of about 300,000,000 bits (the limit is 100,000)")]:
+        with pytest.raises(TemplateError) as info:
+            HFTemplate(toy_tokenizer(), chat_template=source).render(conv)
+        assert str(info.value) == f"d.jsonl:1: the chat template did something the sandbox forbids: {why}"
+    assert compile_template("{{ 'ab' * 3 }}{{ 2 ** 10 }}{{ [1] * 2 }}").render() == "ababab1024[1, 1]"
     # str.format cannot reach attributes either: the sandboxed formatter yields nothing
     assert compile_template("{{ '{0.__class__}'.format(messages) }}").render(messages=[]) == ""
 

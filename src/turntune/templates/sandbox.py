@@ -2,8 +2,11 @@
 
 The dialect is transformers': trimmed blocks, loop controls, ``raise_exception``,
 ``strftime_now``, a plain-JSON ``tojson`` and ``{% generation %}`` markers. The sandbox is
-Jinja's :class:`~jinja2.sandbox.ImmutableSandboxedEnvironment` with one change, for speed only:
-its verdict on an attribute (``loop.first``, ``messages.append``) is remembered per (type,
+Jinja's :class:`~jinja2.sandbox.ImmutableSandboxedEnvironment` with two changes. Sizes: ``*``
+and ``**`` refuse results past fixed caps (Jinja's own sandbox caps only ``range``); a template
+can still grow a string by repeated ``~`` or ``+`` within ``range``'s 100,000 steps (no memory
+cap on rendering as a whole). Speed: its
+verdict on an attribute (``loop.first``, ``messages.append``) is remembered per (type,
 attribute name), because the verdict depends on nothing else. Jinja recomputes it on every
 access (nine ``isinstance`` checks, three of them against abstract classes), which was a third
 of the time of rendering a chat; what it allows and refuses is unchanged.
@@ -54,9 +57,29 @@ class CachedSandbox(ImmutableSandboxedEnvironment):
     only for objects whose two agree; any other object is judged afresh every time.
     """
 
+    # Sizes: ``'x' * 10**10`` or ``10 ** 10**9`` would take the process's memory or minutes of CPU
+    # before any check of the result. A chat never needs anything near these caps.
+    # Not "+": ChatML templates concatenate with it on every message, and routing each one
+    # through Python here doubled their rendering time (measured); it cannot multiply a size.
+    intercepted_binops = frozenset({"*", "**"})
+    MAX_ITEMS = 10_000_000  # characters of a string, items of a list, made by one *
+    MAX_BITS = 100_000  # of an integer made by **
+
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._verdicts: dict[tuple[type, str], bool] = {}
+
+    def call_binop(self, context, operator: str, left, right):
+        sized = (str, bytes, list, tuple)
+        if operator == "*" and (isinstance(left, sized) or isinstance(right, sized)):
+            seq, n = (left, right) if isinstance(left, sized) else (right, left)
+            if isinstance(n, int) and len(seq) * n > self.MAX_ITEMS:
+                raise jinja2.exceptions.SecurityError(f"'*' would make {len(seq) * n:,} items (the limit is {self.MAX_ITEMS:,})")
+        elif operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1:
+            if right * abs(left).bit_length() > self.MAX_BITS:
+                raise jinja2.exceptions.SecurityError(f"'**' would make an integer of about "
+                                                      f"{right * abs(left).bit_length():,} bits (the limit is {self.MAX_BITS:,})")
+        return super().call_binop(context, operator, left, right)
 
     def is_safe_attribute(self, obj, attr: str, value) -> bool:
         cls = type(obj)
