@@ -136,7 +136,7 @@ CORPUS: dict[str, Case] = {
 # A .json document is one record set: when it does not parse, there is nothing to skip to.
 BROKEN_DOCUMENT = ("broken_document.json", 3, "not valid JSON: Expecting value at column 1 (fix the JSON syntax)")
 # A file with no record at all (empty, or blank lines only) is a mistake in both modes too.
-EMPTY_FILE = ("empty_file.jsonl", "no records: the file is empty or holds only blank lines (one JSON conversation "
+EMPTY_FILE = ("empty_file.jsonl", "no records: the file is empty, blank or an empty JSON list (one JSON conversation "
                                   "per line for .jsonl, a JSON list for .json)")
 WHOLE_FILE = (BROKEN_DOCUMENT[0], EMPTY_FILE[0])
 

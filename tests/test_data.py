@@ -354,3 +354,22 @@ def test_example_data_is_short_enough_for_cpu_training(smollm2_tokenizer):
         lengths = [len(smollm2_tokenizer.apply_chat_template(c.to_hf(), tokenize=True)["input_ids"]) for c in convs]
         assert 150 <= sum(lengths) / len(lengths) <= 400, split
         assert max(lengths) <= 512, split
+
+
+@pytest.mark.parametrize("record,rule", [
+    # JSON inside a string that Python cannot hold: a rule broken, never a RecursionError/ValueError
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "f", "arguments": "[" * 3000 + "]" * 3000}}]}]}, "bad_tool_call"),
+    ({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}],
+      "tools": '[{"n": ' + "9" * 5000 + "}]"}, "bad_tools"),
+    ({"conversations": [{"from": "human", "value": "q"},
+                        {"from": "function_call", "value": '{"name": "f", "arguments": {"x": ' + "9" * 5000 + "}}"}]},
+     "bad_tool_call"),
+])
+def test_nested_json_python_cannot_hold_is_a_rule(tmp_path, record, rule):
+    with pytest.raises(DataError) as info:
+        parse_record(record, "x:1")
+    assert info.value.rule == rule
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    assert load_conversations(path, on_invalid="skip").report.skipped == {rule: 1}

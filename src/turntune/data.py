@@ -144,7 +144,7 @@ def load_conversations(path: str | Path, *, format: Format = "auto",
         report.notes["trailing_context"] += conv.messages[-1].role != "assistant"
     report.notes = +report.notes  # drop zero counts
     if report.records == 0:  # an empty file is a mistake in every mode: there is nothing to skip
-        raise DataError("no records: the file is empty or holds only blank lines (one JSON conversation "
+        raise DataError("no records: the file is empty, blank or an empty JSON list (one JSON conversation "
                         "per line for .jsonl, a JSON list for .json)", source=name, rule="no_records")
     return LoadResult(conversations, report)
 
@@ -282,10 +282,11 @@ def _role(m: Any, key: str, fmt: str, source: str, turn: int) -> str:
 
 
 def _loads(text: str) -> Any:
-    """Parsed JSON, or None where the text is not JSON (the caller names the rule)."""
+    """Parsed JSON, or None where the text is not JSON, or JSON Python cannot hold (nested too
+    deep, an integer past the digit limit): the caller names the rule."""
     try:
         return json.loads(text)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
         return None
 
 
