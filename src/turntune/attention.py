@@ -27,18 +27,6 @@ NAME = "sdpa_varlen"
 VARLEN_IMPLEMENTATIONS = frozenset({NAME, "flash_attention_2", "flash_attention_3"})
 
 
-_last: tuple[torch.Tensor | None, list[int]] = (None, [])
-
-
-def _bounds(cu: torch.Tensor) -> list[int]:
-    """``cu`` as a Python list, read once per forward: every layer gets the same tensor, and on a
-    GPU each ``tolist`` would wait for the device."""
-    global _last
-    if _last[0] is not cu:
-        _last = (cu, cu.tolist())
-    return _last[1]
-
-
 def sdpa_varlen(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                 is_causal: bool | None = None, cu_seq_lens_q: torch.Tensor | None = None,
@@ -62,7 +50,7 @@ def sdpa_varlen(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
     flat = [x.transpose(0, 1).reshape(1, x.shape[1], rows * width, x.shape[-1]) for x in (query, key, value)]
     q, k, v = flat
     gqa = k.shape[1] != heads
-    bounds = _bounds(cu_seq_lens_q)
+    bounds = cu_seq_lens_q.tolist()
     parts = [F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], dropout_p=dropout,
                                             scale=scaling, is_causal=True, enable_gqa=gqa)
              for s, e in zip(bounds, bounds[1:])]
