@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+from unittest import mock
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from turntune.attention import register as register_attention
 from turntune.constants import IGNORE_INDEX as IG
 from turntune.errors import ConfigError, DataError
 from turntune.example import Example
-from turntune.loss import batch_loss, per_token_losses
+from turntune.loss import batch_loss, per_token_losses, reads_varlen
 
 VOCAB = 101
 
@@ -204,7 +205,15 @@ def test_sdpa_varlen_reads_the_boundaries_and_gives_sdpa_gradients(kind: str) ->
     results = []
     for impl in ("sdpa", "sdpa_varlen"):
         model = tiny_model(kind, impl).train()
-        ls = batch_loss(model, batch)
+        assert reads_varlen(model) == (impl == "sdpa_varlen")  # batch_loss passes the boundaries
+        calls = []
+        real = torch.nn.functional.scaled_dot_product_attention
+        with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention",
+                               side_effect=lambda *a, **k: calls.append(a[0].shape[2]) or real(*a, **k)):
+            ls = batch_loss(model, batch)
+        segments = sum(len(lens) + (sum(lens) < batch.input_ids.shape[1]) for lens in batch.seq_lens)
+        # sdpa: one call per layer over all rows; sdpa_varlen: one per segment per layer
+        assert len(calls) == 2 * (segments if impl == "sdpa_varlen" else 1)
         ls.weighted_sum.backward()
         results.append((float(ls.weighted_sum), {n: p.grad.clone() for n, p in model.named_parameters()}))
     (la, ga), (lb, gb) = results

@@ -12,7 +12,8 @@ flash-attn's variable-length kernel reads (transformers' ``flash_attention_2`` w
 Without boundaries (a padded batch, evaluation of a single example, generation in ``turntune
 chat``), and for layers with a sliding window, soft-capping or sink logits, it is transformers'
 own ``sdpa`` with the usual mask: ``sdpa_varlen`` is registered with sdpa's mask function for
-exactly those cases.
+those cases. (So transformers also builds that block mask for a packed batch, where it goes
+unused: a (rows, 1, T, T) boolean, timed at ~0.1 s of CPU per forward for 2 rows of 2,048.)
 
 Register once (``register()``, called by ``models.load_model``), then load a model with
 ``attn_implementation="sdpa_varlen"``.

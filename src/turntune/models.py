@@ -48,7 +48,7 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False):
     return tok
 
 
-def load_model(path: str | Path, *, dtype: str = "float32", attn_implementation: str = "sdpa",
+def load_model(path: str | Path, *, dtype: str = "float32", attn_implementation: str = "sdpa_varlen",
                trust_remote_code: bool = False):
     """A causal LM from a local folder; weights only from safetensors (no pickle is ever loaded)."""
     from transformers import AutoModelForCausalLM
