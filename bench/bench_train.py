@@ -1,6 +1,6 @@
 """Training throughput: turntune vs a plain PyTorch loop vs TRL's SFTTrainer, and `all`+`turn` vs `expand`.
 
-    .venv/bin/python bench/bench_train.py                    # both parts, ~7-8 min on 2 shared CPU cores
+    .venv/bin/python bench/bench_train.py                    # both parts, all six variants: over 8 min on 2 CPU cores
     .venv/bin/python bench/bench_train.py --part throughput  # or --part expand; --variants plain,turntune
     (TRL: .venv/bin/pip install -c constraints.txt -r bench/requirements-bench.txt)
 

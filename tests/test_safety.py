@@ -209,7 +209,9 @@ def test_sandbox_limits_and_format_strings():
         HFTemplate(toy_tokenizer(), chat_template="{% for i in range(10**9) %}x{% endfor %}").render(conv)
     for source, why in [("{{ 'ab' * 10**9 }}", "'*' would make 2,000,000,000 items (the limit is 10,000,000)"),
                         ("{{ [0] * 20000000 }}", "'*' would make 20,000,000 items (the limit is 10,000,000)"),
-                        ("{{ 7 ** 100000000 }}", "'**' would make an integer of about 300,000,000 bits (the limit is 100,000)")]:
+                        ("{{ 7 ** 100000000 }}", "'**' would make an integer of about 300,000,000 bits (the limit is 100,000)"),
+                        ("{{ (2 ** 50000) * (2 ** 50000) }}",
+                         "'*' would make an integer of about 100,002 bits (the limit is 100,000)")]:
         with pytest.raises(TemplateError) as info:
             HFTemplate(toy_tokenizer(), chat_template=source).render(conv)
         assert str(info.value) == f"d.jsonl:1: the chat template did something the sandbox forbids: {why}"

@@ -1,6 +1,6 @@
 """The command line. The only place that turns exceptions into exit codes.
 
-    turntune validate DATA                 check records, report by rule (exit 1 if invalid)
+    turntune validate DATA                 check records, report by rule (exit 1 if invalid, 2 if unreadable or empty)
     turntune encode DATA --model PATH      what encoding does to the data
     turntune train CONFIG [--s.k=v ...]    fine-tune (also under torchrun: python -m turntune train)
     turntune eval MODEL DATA               loss per turn and kind of reply

@@ -3,9 +3,10 @@
 The dialect is transformers': trimmed blocks, loop controls, ``raise_exception``,
 ``strftime_now``, a plain-JSON ``tojson`` and ``{% generation %}`` markers. The sandbox is
 Jinja's :class:`~jinja2.sandbox.ImmutableSandboxedEnvironment` with two changes. Sizes: ``*``
-and ``**`` refuse results past fixed caps (Jinja's own sandbox caps only ``range``); a template
-can still grow a string by repeated ``~`` or ``+`` within ``range``'s 100,000 steps (no memory
-cap on rendering as a whole). Speed: its
+and ``**`` refuse the one-step blow-ups (``'x' * 10**10``, ``10 ** 10**9``, a product of two huge
+integers) past fixed caps; Jinja's own sandbox caps only ``range``. This is not a resource limit:
+repeated ``~``/``+`` inside ``range``'s 100,000 steps, or ``ljust``/``center``/``%``-formatting
+with a huge width, can still take memory; only process limits stop a hostile template. Speed: its
 verdict on an attribute (``loop.first``, ``messages.append``) is remembered per (type,
 attribute name), because the verdict depends on nothing else. Jinja recomputes it on every
 access (nine ``isinstance`` checks, three of them against abstract classes), which was a third
@@ -63,7 +64,7 @@ class CachedSandbox(ImmutableSandboxedEnvironment):
     # through Python here doubled their rendering time (measured); it cannot multiply a size.
     intercepted_binops = frozenset({"*", "**"})
     MAX_ITEMS = 10_000_000  # characters of a string, items of a list, made by one *
-    MAX_BITS = 100_000  # of an integer made by **
+    MAX_BITS = 100_000  # of an integer made by ** or int * int
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -71,7 +72,12 @@ class CachedSandbox(ImmutableSandboxedEnvironment):
 
     def call_binop(self, context, operator: str, left, right):
         sized = (str, bytes, list, tuple)
-        if operator == "*" and (isinstance(left, sized) or isinstance(right, sized)):
+        if operator == "*" and isinstance(left, int) and isinstance(right, int):
+            if left.bit_length() + right.bit_length() > self.MAX_BITS:
+                raise jinja2.exceptions.SecurityError(f"'*' would make an integer of about "
+                                                      f"{left.bit_length() + right.bit_length():,} bits "
+                                                      f"(the limit is {self.MAX_BITS:,})")
+        elif operator == "*" and (isinstance(left, sized) or isinstance(right, sized)):
             seq, n = (left, right) if isinstance(left, sized) else (right, left)
             if isinstance(n, int) and len(seq) * n > self.MAX_ITEMS:
                 raise jinja2.exceptions.SecurityError(f"'*' would make {len(seq) * n:,} items (the limit is {self.MAX_ITEMS:,})")
