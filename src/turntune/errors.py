@@ -25,4 +25,13 @@ class ConfigError(TurntuneError, ValueError):
 
 
 class TemplateError(TurntuneError, ValueError):
-    """A chat template that cannot give exact labels for a conversation."""
+    """A chat template that cannot give exact labels for a conversation.
+
+    ``rule`` names why, so the encoder can route it like a data error (``data.on_invalid``):
+    ``template_refused`` (the template raised or the sandbox refused it), ``span_not_found`` (no
+    exact span for a reply), ``not_rendered`` (the template dropped text a message carries).
+    """
+
+    def __init__(self, message: str, *, rule: str = "template_refused") -> None:
+        self.rule = rule
+        super().__init__(message)
