@@ -82,8 +82,8 @@ CORPUS: dict[str, Case] = {
         3: ("unknown_role", f"turn 2: unknown role 'Assistant' {OPENAI_ROLES}"),
         4: ("unknown_role", f"turn 2: unknown role 'ipython' {OPENAI_ROLES}"),
         5: ("unknown_role", "turn 4: unknown role 'tool' (the glm4 format knows system, user, assistant, observation)"),
-        6: ("unknown_role", "turn 1: unknown role 'user' (the sharegpt format knows system, human, gpt, function_call, "
-                            "observation)"),
+        6: ("unknown_role", "turn 1: unknown role 'bot' (the sharegpt format knows system, human, gpt, function_call, "
+                            "observation, user, assistant, tool, function)"),
     }, formats={"openai": 1}),
     "empty_content.jsonl": Case(4, {
         4: ("empty_conversation", "no messages (drop the record, or add a user turn and an assistant reply)"),
@@ -132,6 +132,21 @@ CORPUS: dict[str, Case] = {
                                 "first system message)"),
     }),
     "control_characters.jsonl": Case(1, formats={"openai": 1}),
+    "reply_fields.jsonl": Case(2, {
+        1: ("bad_reasoning", "turn 2: reasoning given twice: reasoning_content and a <think> block in content (keep one)"),
+        2: ("bad_reasoning", "turn 2: content opens <think> but never closes it with </think> (close the reasoning, or "
+                             "move it to reasoning_content)"),
+        3: ("bad_weight", "turn 2: weight must be 0 or 1, not 2 (0: context only, 1: trained)"),
+        4: ("bad_weight", "turn 1: weight on a user message: only assistant replies carry a weight (remove it)"),
+        5: ("no_trained_reply", "every assistant reply has weight 0, so nothing to train on (set weight 1 on a reply, "
+                                "or drop the record)"),
+        6: ("undeclared_tool", "turn 2: tool call to 'wether', which the record's tools do not declare (declared: "
+                               "weather; fix the name or declare the tool)"),
+        7: ("unknown_tool_call_id", "turn 3: tool_call_id 'c9' matches no call of the assistant message before it "
+                                    "(its call ids: c1; fix the id)"),
+        8: ("call_without_result", "turn 3: assistant message right after a tool call: the call has no tool result "
+                                   "(add the tool message with the result after the call, or drop the call)"),
+    }, formats={"openai": 2}, notes={"unanswered_call": 1}),
 }
 # A .json document is one record set: when it does not parse, there is nothing to skip to.
 BROKEN_DOCUMENT = ("broken_document.json", 3, "not valid JSON: Expecting value at column 1 (fix the JSON syntax)")
@@ -169,7 +184,7 @@ def glm4():
 
 def test_the_corpus_is_complete(corpus):
     assert set(corpus) == set(CORPUS) | set(WHOLE_FILE)
-    assert len(corpus) == 23
+    assert len(corpus) == 24
     covered = {rule for case in CORPUS.values() for rule, _ in case.bad.values()}
     assert covered == set(RULES) - {"missing_file", "no_records"}  # tests below cover those two
 

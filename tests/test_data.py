@@ -46,8 +46,9 @@ def test_openai_with_tool_call_dict_arguments_dumped_unescaped():
         a("3 C.")], "tools": [WEATHER_TOOL]}
     assert parse_record(record, "f.jsonl:1") == Conversation(
         messages=(Message("system", "You are terse."), Message("user", "Weather in Zürich?"),
-                  Message("assistant", "", (ToolCall("get_weather", '{"city": "Zürich"}'),)),
-                  Message("tool", '{"temp_c": 3}', name="get_weather"), Message("assistant", "3 C.")),
+                  Message("assistant", "", (ToolCall("get_weather", '{"city": "Zürich"}', "c1"),)),
+                  Message("tool", '{"temp_c": 3}', name="get_weather", tool_call_id="c1"),
+                  Message("assistant", "3 C.")),
         tools=(WEATHER_TOOL,), source="f.jsonl:1")
 
 
@@ -117,9 +118,9 @@ RULE_CASES = [
      "d.jsonl:17: turn 2: unknown role 'bot' (the openai format knows system, user, assistant, tool)"),
     ("unknown_role", {"messages": [{"role": ["user"], "content": "q"}, a("r")]},
      "d.jsonl:17: turn 1: unknown role ['user'] (the openai format knows system, user, assistant, tool)"),
-    ("unknown_role", {"conversations": [{"from": "user", "value": "q"}]},
-     "d.jsonl:17: turn 1: unknown role 'user' (the sharegpt format knows system, human, gpt, function_call, "
-     "observation)"),
+    ("unknown_role", {"conversations": [{"from": "bot", "value": "q"}]},
+     "d.jsonl:17: turn 1: unknown role 'bot' (the sharegpt format knows system, human, gpt, function_call, "
+     "observation, user, assistant, tool, function)"),
     ("content_not_string", {"messages": [{"role": "user", "content": [{"type": "text", "text": "q"}]}, a("r")]},
      "d.jsonl:17: turn 1: content is a list, not a string (make it one string; join text parts)"),
     ("content_not_string", {"messages": [u("q"), {"role": "assistant", "content": None}]},
@@ -155,6 +156,23 @@ RULE_CASES = [
      'd.jsonl:17: turn 2: function_call value must be JSON {"name": ..., "arguments": {...}} or a list of them'),
     ("bad_tools", {"messages": [u("q"), a("r")], "tools": {"name": "f"}},
      "d.jsonl:17: tools must be a list of JSON-schema objects (or its JSON text)"),
+    ("bad_reasoning", {"messages": [u("q"), {"role": "assistant", "content": "<think>a</think>b",
+                                             "reasoning_content": "a"}]},
+     "d.jsonl:17: turn 2: reasoning given twice: reasoning_content and a <think> block in content (keep one)"),
+    ("bad_weight", {"messages": [u("q"), {"role": "assistant", "content": "r", "weight": 0.5}]},
+     "d.jsonl:17: turn 2: weight must be 0 or 1, not 0.5 (0: context only, 1: trained)"),
+    ("no_trained_reply", {"messages": [u("q"), {"role": "assistant", "content": "r", "weight": 0}]},
+     "d.jsonl:17: every assistant reply has weight 0, so nothing to train on (set weight 1 on a reply, or drop "
+     "the record)"),
+    ("undeclared_tool", {"messages": [u("q"), CALL], "tools": [{"type": "function", "function": {"name": "g"}}]},
+     "d.jsonl:17: turn 2: tool call to 'f', which the record's tools do not declare (declared: g; fix the name "
+     "or declare the tool)"),
+    ("unknown_tool_call_id", {"messages": [u("q"), CALL, {"role": "tool", "content": "3", "tool_call_id": "x"}]},
+     "d.jsonl:17: turn 3: tool_call_id 'x' matches no call of the assistant message before it (its call ids: "
+     "none; fix the id)"),
+    ("call_without_result", {"messages": [u("q"), CALL, a("r")]},
+     "d.jsonl:17: turn 3: assistant message right after a tool call: the call has no tool result (add the tool "
+     "message with the result after the call, or drop the call)"),
 ]
 
 

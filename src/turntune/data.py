@@ -9,15 +9,27 @@ a UTF-8 BOM tolerated at the start of any line; sources ``file:line``, 1-based).
 
 Record shapes, detected per record in ``auto`` mode (a mixed file is fine):
 
-- ``openai``: ``{"messages": [{"role", "content", "tool_calls": [{"type": "function",
-  "function": {"name", "arguments"}}]}], "tools": [...]}``, roles system/user/assistant/tool.
+- ``openai``: ``{"messages": [{"role", "content", "tool_calls": [{"id", "type": "function",
+  "function": {"name", "arguments"}}], "reasoning_content", "weight"}], "tools": [...]}``, roles
+  system/user/assistant/tool (a tool result may name its ``tool_call_id``).
 - ``glm4``: ``{"messages": [...]}`` or a bare list; roles system/user/assistant/observation;
   ``tools`` on the system message; a tool call is ``{"role": "assistant", "metadata": NAME,
   "content": ARGUMENTS_JSON}``. Chosen over ``openai`` when a message has ``observation``,
   ``metadata`` or ``tools``.
 - ``sharegpt``: ``{"conversations": [{"from", "value"}], "system": ..., "tools": ...}``, from
-  system/human/gpt/function_call/observation; a ``function_call`` value is JSON
-  ``{"name", "arguments"}`` (or a list of them).
+  system/human/gpt/function_call/observation (or user/assistant/tool/function); a ``function_call``
+  value is JSON ``{"name", "arguments"}`` (or a list of them).
+
+What a reply says beyond its text is read in every shape, never dropped:
+
+- reasoning: ``reasoning_content`` on an assistant message, or a ``<think>…</think>`` block at the
+  start of its content (split the way reasoning templates split it: the reasoning and the rest,
+  each without the newlines next to the tags). Both at once is an error (``bad_reasoning``).
+- ``weight``: 0 (the reply is context only) or 1 (trained, the default), OpenAI's fine-tuning
+  format; on assistant messages only (``bad_weight``). A record whose every reply has weight 0 has
+  nothing to train (``no_trained_reply``).
+- Keys that no rule reads (``thinking``, ``loss``, a misspelt ``contnet``, a record's ``id``) are
+  counted per key in the report (``ignored keys``), so nothing vanishes without a number.
 
 Choices (each a place where templates or trainers disagree):
 
@@ -30,7 +42,13 @@ Choices (each a place where templates or trainers disagree):
 - A conversation may end on a user or tool turn: those messages are kept (they are context that
   carries no loss in any strategy but ``full``) and counted (note ``trailing_context``).
 - A conversation may start with an assistant message after the system prompt (a greeting).
-- An assistant tool call need not be followed by its result (the model learns to call).
+- An assistant tool call need not be followed by its result when the conversation ends there (the
+  model learns to call). Followed by another assistant message it is an error
+  (``call_without_result``); followed by a user turn with results missing it is kept and counted
+  (note ``unanswered_call``).
+- When the record declares tools, every call must name one of them (``undeclared_tool``: the model
+  would learn to call functions its prompt never offers); a tool result's ``tool_call_id`` must
+  name a call of the assistant message it answers (``unknown_tool_call_id``).
 """
 from __future__ import annotations
 
@@ -50,15 +68,25 @@ FORMATS: tuple[str, ...] = ("auto", "openai", "glm4", "sharegpt")
 RULES: tuple[str, ...] = (
     "missing_file", "bad_json", "bad_utf8", "unknown_format", "unknown_role", "content_not_string",
     "bad_tool_call", "bad_tools", "empty_conversation", "system_not_first", "consecutive_user",
-    "consecutive_assistant", "tool_without_call", "no_assistant", "no_records",
+    "consecutive_assistant", "tool_without_call", "no_assistant", "no_records", "bad_reasoning",
+    "bad_weight", "no_trained_reply", "undeclared_tool", "unknown_tool_call_id", "call_without_result",
 )
 # Each format's role names mapped onto ours. ShareGPT's function_call is an assistant tool call.
 _ROLES: dict[str, dict[str, str]] = {
     "openai": {"system": "system", "user": "user", "assistant": "assistant", "tool": "tool"},
     "glm4": {"system": "system", "user": "user", "assistant": "assistant", "observation": "tool"},
-    "sharegpt": {"system": "system", "human": "user", "gpt": "assistant",
-                 "function_call": "assistant", "observation": "tool"},
+    "sharegpt": {"system": "system", "human": "user", "gpt": "assistant", "function_call": "assistant",
+                 "observation": "tool", "user": "user", "assistant": "assistant", "tool": "tool",
+                 "function": "tool"},
 }
+# The keys each shape reads; any other key is counted in DataReport.ignored_keys.
+_READ = {
+    "openai": ({"messages", "tools"}, {"role", "content", "tool_calls", "name", "tool_call_id",
+                                       "reasoning_content", "weight"}),
+    "glm4": ({"messages", "tools"}, {"role", "content", "metadata", "tools", "reasoning_content", "weight"}),
+    "sharegpt": ({"conversations", "system", "tools"}, {"from", "value", "reasoning_content", "weight"}),
+}
+_THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
 MAX_EXAMPLES = 3  # error texts kept per rule in a DataReport
 
 
@@ -75,6 +103,8 @@ class DataReport:
     notes: Counter = field(default_factory=Counter)  # kept but worth knowing (see module doc)
     messages: int = 0  # in valid conversations
     assistant_turns: int = 0  # in valid conversations
+    replies_weight_0: int = 0  # replies the data marks as context only
+    ignored_keys: Counter = field(default_factory=Counter)  # key -> times seen; no rule reads it
 
     @property
     def n_skipped(self) -> int:
@@ -87,13 +117,18 @@ class DataReport:
             lines.append("  formats: " + ", ".join(f"{k} {v}" for k, v in sorted(self.formats.items())))
         if self.valid:
             lines.append(f"  messages: {self.messages}, assistant turns: {self.assistant_turns}"
-                         f" ({self.assistant_turns / self.valid:.1f} per conversation)")
+                         f" ({self.assistant_turns / self.valid:.1f} per conversation)"
+                         + (f", {self.replies_weight_0} with weight 0 (context only)" if self.replies_weight_0 else ""))
         for rule, n in sorted(self.skipped.items()):
             lines.append(f"  skipped {rule}: {n}")
             lines.extend(f"    {text}" for text in self.examples.get(rule, []))
         why = {"empty_reply": "assistant replies with no text and no tool call (train only the stop)",
-               "trailing_context": "conversations end after their last reply (no loss there)"}
+               "trailing_context": "conversations end after their last reply (no loss there)",
+               "unanswered_call": "tool calls whose results are missing before the next user turn"}
         lines.extend(f"  note {k}: {v} {why.get(k, '')}".rstrip() for k, v in sorted(self.notes.items()))
+        if self.ignored_keys:
+            lines.append("  ignored keys (not read): "
+                         + ", ".join(f"{k} {v:,}" for k, v in sorted(self.ignored_keys.items())))
         return "\n".join(lines)
 
 
@@ -125,7 +160,7 @@ def load_conversations(path: str | Path, *, format: Format = "auto",
         try:
             if isinstance(obj, DataError):
                 raise obj
-            conv, fmt = _parse(obj, source, format)
+            conv, fmt = _parse(obj, source, format, report.ignored_keys)
         except DataError as err:
             if on_invalid == "error":
                 raise
@@ -139,9 +174,11 @@ def load_conversations(path: str | Path, *, format: Format = "auto",
         report.formats[fmt] += 1
         report.messages += len(conv.messages)
         report.assistant_turns += len(conv.assistant_indices)
-        report.notes["empty_reply"] += sum(
-            1 for m in conv.messages if m.role == "assistant" and not m.tool_calls and not m.content.strip())
+        report.replies_weight_0 += sum(1 for m in conv.messages if m.role == "assistant" and not m.weight)
+        report.notes["empty_reply"] += sum(1 for m in conv.messages if m.role == "assistant" and not m.tool_calls
+                                           and not m.content.strip() and not m.reasoning.strip())
         report.notes["trailing_context"] += conv.messages[-1].role != "assistant"
+        report.notes["unanswered_call"] += _unanswered_calls(conv.messages)
     report.notes = +report.notes  # drop zero counts
     if report.records == 0:  # an empty file is a mistake in every mode: there is nothing to skip
         raise DataError("no records: the file is empty, blank or an empty JSON list (one JSON conversation "
@@ -253,12 +290,26 @@ def _unreadable(e: Exception) -> str:
 _Item = tuple[int | None, Message]
 
 
-def _parse(obj: Any, source: str, format: str) -> tuple[Conversation, str]:
+def _parse(obj: Any, source: str, format: str, ignored: Counter | None = None) -> tuple[Conversation, str]:
     fmt = detect_format(obj, source) if format == "auto" else format
     items, tools = {"openai": _openai, "glm4": _glm4, "sharegpt": _sharegpt}[fmt](obj, source)
     _check_structure(items, source)
+    _check_tool_use(items, tools, source)
     _check_unicode(items, tools, source)
+    if ignored is not None:  # counted only for records that are kept
+        _count_unread(obj, fmt, ignored)
     return Conversation(tuple(m for _, m in items), tuple(tools), source), fmt
+
+
+def _count_unread(obj: Any, fmt: str, ignored: Counter) -> None:
+    record_keys, message_keys = _READ[fmt]
+    if isinstance(obj, dict):
+        ignored.update(k for k in obj if k not in record_keys)
+        msgs = obj.get("conversations" if fmt == "sharegpt" else "messages")
+    else:
+        msgs = obj
+    for m in msgs:
+        ignored.update(f"message.{k}" for k in m if k not in message_keys)
 
 
 def _messages(obj: Any, key: str, fmt: str, source: str) -> list:
@@ -304,7 +355,7 @@ def _text(value: Any, source: str, turn: int | None, what: str = "content") -> s
     return value
 
 
-def _call(name: Any, arguments: Any, source: str, turn: int) -> ToolCall:
+def _call(name: Any, arguments: Any, source: str, turn: int, call_id: str | None = None) -> ToolCall:
     if not isinstance(name, str) or not name.strip():
         raise DataError("tool call has no function name (give each call a non-empty name)",
                         source=source, turn=turn, rule="bad_tool_call")
@@ -314,7 +365,7 @@ def _call(name: Any, arguments: Any, source: str, turn: int) -> ToolCall:
         raise DataError(f"arguments of tool call {name!r} are not a JSON object "
                         '(write them as {"arg": value}, as an object or its JSON text)',
                         source=source, turn=turn, rule="bad_tool_call")
-    return ToolCall(name, arguments)
+    return ToolCall(name, arguments, call_id)
 
 
 def _tools(value: Any, source: str) -> list[dict]:
@@ -331,6 +382,38 @@ def _tools(value: Any, source: str) -> list[dict]:
     return value
 
 
+def _reply_fields(m: dict, role: str, content: str, source: str, turn: int) -> tuple[str, str, int]:
+    """(content, reasoning, weight) of a message: reasoning from ``reasoning_content`` or a leading
+    ``<think>`` block of an assistant's content; weight 0/1 (assistant messages only)."""
+    weight = m.get("weight", 1)
+    if "weight" in m and (role != "assistant" or type(weight) not in (int, float) or weight not in (0, 1)):
+        if role != "assistant":
+            msg = f"weight on a {role} message: only assistant replies carry a weight (remove it)"
+        else:
+            msg = f"weight must be 0 or 1, not {weight!r} (0: context only, 1: trained)"
+        raise DataError(msg, source=source, turn=turn, rule="bad_weight")
+    if role != "assistant":
+        return content, "", 1
+    reasoning = m.get("reasoning_content")
+    if reasoning is not None and not isinstance(reasoning, str):
+        raise DataError(f"reasoning_content is {_kind(reasoning)}, not a string (make it one string)",
+                        source=source, turn=turn, rule="bad_reasoning")
+    reasoning = reasoning or ""
+    head = content.lstrip()
+    if head.startswith(_THINK_OPEN):
+        end = head.find(_THINK_CLOSE)
+        if end < 0:
+            raise DataError(f"content opens {_THINK_OPEN} but never closes it with {_THINK_CLOSE} "
+                            "(close the reasoning, or move it to reasoning_content)",
+                            source=source, turn=turn, rule="bad_reasoning")
+        if reasoning:
+            raise DataError("reasoning given twice: reasoning_content and a <think> block in content "
+                            "(keep one)", source=source, turn=turn, rule="bad_reasoning")
+        reasoning = head[len(_THINK_OPEN):end].strip("\n")
+        content = head[end + len(_THINK_CLOSE):].lstrip("\n")
+    return content, reasoning, int(weight)
+
+
 def _openai(obj: Any, source: str) -> tuple[list[_Item], list[dict]]:
     items: list[_Item] = []
     for turn, m in enumerate(_messages(obj, "messages", "openai", source), 1):
@@ -342,11 +425,13 @@ def _openai(obj: Any, source: str) -> tuple[list[_Item], list[dict]]:
                                                     for c in raw):
                 raise DataError('tool_calls must be a list of {"type": "function", "function": '
                                 '{"name", "arguments"}}', source=source, turn=turn, rule="bad_tool_call")
-            calls = tuple(_call(c["function"].get("name"), c["function"].get("arguments"), source, turn)
-                          for c in raw)
+            calls = tuple(_call(c["function"].get("name"), c["function"].get("arguments"), source, turn,
+                                c.get("id") if isinstance(c.get("id"), str) else None) for c in raw)
         content = "" if (calls and m.get("content") is None) else _text(m.get("content"), source, turn)
+        content, reasoning, weight = _reply_fields(m, role, content, source, turn)
         name = m.get("name") if role == "tool" and isinstance(m.get("name"), str) else None
-        items.append((turn, Message(role, content, calls, name)))  # type: ignore[arg-type]
+        call_id = m.get("tool_call_id") if role == "tool" and isinstance(m.get("tool_call_id"), str) else None
+        items.append((turn, Message(role, content, calls, name, reasoning, weight, call_id)))  # type: ignore[arg-type]
     return items, _tools(obj.get("tools"), source)
 
 
@@ -363,9 +448,12 @@ def _glm4(obj: Any, source: str) -> tuple[list[_Item], list[dict]]:
             raise DataError("metadata must be a string (the called function's name)",
                             source=source, turn=turn, rule="bad_tool_call")
         if role == "assistant" and meta and meta.strip():
-            items.append((turn, Message("assistant", "", (_call(meta.strip(), content, source, turn),))))
+            _, reasoning, weight = _reply_fields(m, role, "", source, turn)
+            call = _call(meta.strip(), content, source, turn)
+            items.append((turn, Message("assistant", "", (call,), reasoning=reasoning, weight=weight)))
         else:
-            items.append((turn, Message(role, content)))  # type: ignore[arg-type]
+            content, reasoning, weight = _reply_fields(m, role, content, source, turn)
+            items.append((turn, Message(role, content, reasoning=reasoning, weight=weight)))  # type: ignore[arg-type]
     return items, tools
 
 
@@ -379,16 +467,19 @@ def _sharegpt(obj: Any, source: str) -> tuple[list[_Item], list[dict]]:
     for turn, m in enumerate(msgs, 1):
         sender = _role(m, "from", "sharegpt", source, turn)
         value = _text(m.get("value"), source, turn, "value")
+        role = _ROLES["sharegpt"][sender]
         if sender != "function_call":
-            items.append((turn, Message(_ROLES["sharegpt"][sender], value)))  # type: ignore[arg-type]
+            value, reasoning, weight = _reply_fields(m, role, value, source, turn)
+            items.append((turn, Message(role, value, reasoning=reasoning, weight=weight)))  # type: ignore[arg-type]
             continue
+        _, reasoning, weight = _reply_fields(m, role, "", source, turn)
         parsed = _loads(value)
         parsed = parsed if isinstance(parsed, list) else [parsed]
         if not parsed or not all(isinstance(c, dict) for c in parsed):
             raise DataError('function_call value must be JSON {"name": ..., "arguments": {...}} or a list '
                             "of them", source=source, turn=turn, rule="bad_tool_call")
         calls = tuple(_call(c.get("name"), c.get("arguments"), source, turn) for c in parsed)
-        items.append((turn, Message("assistant", "", calls)))
+        items.append((turn, Message("assistant", "", calls, reasoning=reasoning, weight=weight)))
     return items, _tools(obj.get("tools"), source)
 
 
@@ -407,6 +498,9 @@ def _check_structure(items: list[_Item], source: str) -> None:
                       "(move it to the start or merge it into the first system message)")
         elif prev is not None and m.role == prev.role == "user":
             broken = ("consecutive_user", "two user messages in a row (merge them or insert the assistant reply)")
+        elif prev is not None and m.role == prev.role == "assistant" and prev.tool_calls:
+            broken = ("call_without_result", "assistant message right after a tool call: the call has no "
+                      "tool result (add the tool message with the result after the call, or drop the call)")
         elif prev is not None and m.role == prev.role == "assistant":
             broken = ("consecutive_assistant",
                       "two assistant messages in a row (merge them or insert the user turn)")
@@ -419,6 +513,45 @@ def _check_structure(items: list[_Item], source: str) -> None:
     if not any(m.role == "assistant" for _, m in items):
         raise DataError("no assistant reply, so nothing to train on (add one or drop the record)",
                         source=source, rule="no_assistant")
+    if not any(m.role == "assistant" and m.weight for _, m in items):
+        raise DataError("every assistant reply has weight 0, so nothing to train on (set weight 1 on a "
+                        "reply, or drop the record)", source=source, rule="no_trained_reply")
+
+
+def _check_tool_use(items: list[_Item], tools: list[dict], source: str) -> None:
+    """Calls name declared tools (when the record declares any); result ids name a call."""
+    declared = {t.get("function", t).get("name") for t in tools}
+    calls: list[ToolCall] = []  # the calls the current run of tool results answers
+    for turn, m in items:
+        if m.tool_calls:
+            calls = list(m.tool_calls)
+            for c in calls:
+                if tools and c.name not in declared:
+                    known = ", ".join(sorted(str(n) for n in declared))
+                    raise DataError(f"tool call to {c.name!r}, which the record's tools do not declare (declared: "
+                                    f"{known}; fix the name or declare the tool)", source=source, turn=turn,
+                                    rule="undeclared_tool")
+        elif m.role == "tool" and m.tool_call_id is not None:
+            ids = [c.id for c in calls if c.id is not None]
+            if m.tool_call_id not in ids:
+                raise DataError(f"tool_call_id {m.tool_call_id!r} matches no call of the assistant message before "
+                                f"it (its call ids: {', '.join(ids) or 'none'}; fix the id)", source=source,
+                                turn=turn, rule="unknown_tool_call_id")
+        elif m.role != "tool":
+            calls = []
+
+
+def _unanswered_calls(msgs: tuple[Message, ...]) -> int:
+    """Tool calls left without a result before the next user or system turn (not at the end)."""
+    missing, pending = 0, 0
+    for m in msgs:
+        if m.tool_calls:
+            missing, pending = missing + pending, len(m.tool_calls)
+        elif m.role == "tool":
+            pending = max(pending - 1, 0)
+        elif m.role == "user":
+            missing, pending = missing + pending, 0
+    return missing
 
 
 def _check_unicode(items: list[_Item], tools: list[dict], source: str) -> None:
