@@ -181,3 +181,170 @@ def test_every_new_rule_is_public():
     for rule in ("bad_reasoning", "bad_weight", "no_trained_reply", "undeclared_tool", "unknown_tool_call_id",
                  "call_without_result"):
         assert rule in RULES
+
+
+# ======== the encoder =============================================================================
+
+from toy import SP, cid, toy_tokenizer  # noqa: E402
+from turntune.constants import IGNORE_INDEX  # noqa: E402
+from turntune.conversation import Conversation  # noqa: E402
+from turntune.encode import (EncodeOptions, EncodeReport, check_lost, encode_conversations,  # noqa: E402
+                             resolve_template)
+from turntune.errors import TurntuneError  # noqa: E402
+from turntune.templates.glm4 import GLM4Template  # noqa: E402
+from turntune.templates.hf import HFTemplate  # noqa: E402
+
+USR, AST = SP["<|user|>"], SP["<|assistant|>"]
+
+
+@pytest.fixture(scope="module")
+def glm4():
+    return GLM4Template(toy_tokenizer())
+
+
+def trained(ex):
+    return [t for t, lab in zip(ex.input_ids, ex.labels) if lab != IGNORE_INDEX]
+
+
+def enc(convs, tmpl, on_invalid="error", **kw):
+    rep = EncodeReport()
+    return encode_conversations(convs, tmpl, EncodeOptions(**kw), report=rep, on_invalid=on_invalid), rep
+
+
+WEIGHTED = parse_record({"messages": [u("a"), a("one", weight=0), u("b"), a("two"), u("c"), a("three", weight=0)]},
+                        "w.jsonl:1")
+
+
+@pytest.mark.parametrize("strategy,expected", [
+    ("all", [cid("\ntwo") + [USR]]),
+    ("expand", [cid("\ntwo") + [USR]]),
+    ("last", [cid("\ntwo") + [USR]]),  # the last reply whose weight is 1
+])
+def test_weight_0_replies_are_context_in_every_strategy(glm4, strategy, expected):
+    exs, rep = enc([WEIGHTED], glm4, strategy=strategy)
+    assert [trained(e) for e in exs] == expected
+    assert (rep.replies, rep.replies_excluded, rep.replies_trained, rep.replies_lost) == (3, 2, 1, 0)
+    for e in exs:  # their tokens are still there, as context
+        assert cid("one") == e.input_ids[e.input_ids.index(AST) + 2:][:3]
+
+
+def test_weight_0_replies_are_context_under_full_and_windows(glm4):
+    exs, _ = enc([WEIGHTED], glm4, strategy="full")
+    labelled = {t for t, lab in zip(exs[0].turn, exs[0].labels) if lab != IGNORE_INDEX}
+    assert labelled == {-1, 1}  # user/system tokens (full) and reply 1; never replies 0 and 2
+    exs, rep = enc([WEIGHTED], glm4, strategy="all", max_length=30)  # windows
+    assert [trained(e) for e in exs] == [cid("\ntwo") + [USR]]
+    assert (rep.replies_trained, rep.replies_lost, rep.replies_excluded) == (1, 0, 2)
+
+
+def test_turn_weighting_ignores_weight_0_replies(glm4):
+    exs, _ = enc([WEIGHTED], glm4, weighting="turn")
+    w = [x for x, lab in zip(exs[0].weight, exs[0].labels) if lab != IGNORE_INDEX]
+    assert w == pytest.approx([1 / 5] * 5) and sum(exs[0].weight) == pytest.approx(1.0)
+
+
+# ---- one conversation must not stop a run ---------------------------------------------------
+
+REASONING = parse_record({"messages": [u("q"), a("42", reasoning_content="6 times 7")]}, "r.jsonl:2")
+PLAIN = parse_record({"messages": [u("q"), a("fine")]}, "r.jsonl:1")
+
+
+def test_native_glm4_refuses_reasoning_naming_chat_template(glm4):
+    with pytest.raises(DataError) as info:
+        enc([PLAIN, REASONING], glm4)
+    err = info.value
+    assert (err.rule, err.source) == ("not_rendered", "r.jsonl:2")
+    assert "reasoning" in str(err) and "data.chat_template" in str(err)
+
+
+def test_skip_mode_counts_encoder_refusals_and_goes_on(glm4):
+    exs, rep = enc([PLAIN, REASONING, PLAIN], glm4, on_invalid="skip")
+    assert [trained(e) for e in exs] == [cid("\nfine") + [USR]] * 2
+    assert rep.skipped == Counter(not_rendered=1) and rep.conversations == 2
+    assert rep.replies == 2  # the refused conversation's reply is not counted as encoded
+    assert "skipped not_rendered: 1" in rep.summary() and "r.jsonl:2" in rep.summary()
+
+
+def test_a_template_that_raises_for_one_conversation_is_that_conversations_error():
+    tok = toy_tokenizer("{% for m in messages %}{% if 'bad' in m.content %}{{ raise_exception('no bad words') }}"
+                        "{% endif %}{% if m.role == 'user' %}<|user|>{{ m.content }}{% else %}<|assistant|>"
+                        "{{ m.content }}<|endoftext|>{% endif %}{% endfor %}"
+                        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    tmpl = HFTemplate(tok)
+    bad = parse_record({"messages": [u("bad"), a("x")]}, "b.jsonl:7")
+    assert [trained(e) for e in enc([PLAIN], tmpl)[0]] == [cid("fine") + [SP["<|endoftext|>"]]]
+    with pytest.raises(DataError) as info:
+        enc([PLAIN, bad], tmpl)
+    assert (info.value.rule, info.value.source) == ("template_refused", "b.jsonl:7")
+    assert "no bad words" in str(info.value)
+    _, rep = enc([bad, bad], tmpl, on_invalid="skip")
+    assert rep.skipped == Counter(template_refused=2)
+
+
+# ---- a run that would lose most of its data does not go on quietly ---------------------------
+
+def test_lost_share_is_on_the_first_line_and_stops_a_run(glm4):
+    long = parse_record({"messages": [u("q"), a("x" * 60), u("q"), a("y")]}, "l.jsonl:1")
+    _, rep = enc([long], glm4, max_length=20)
+    # reply 1: "\n" + 60 x + <|user|> (62 tokens, cannot fit 20); reply 2: "\ny" + <|user|> (3)
+    assert (rep.reply_tokens, rep.reply_tokens_lost) == (65, 62) and rep.lost_share == pytest.approx(62 / 65)
+    assert rep.summary().splitlines()[0].startswith("LOST 95.4% of reply tokens (1 of 2 replies")
+    with pytest.raises(TurntuneError, match=r"data.max_lost_share=0.1.*95.4%"):
+        check_lost(rep, 0.1)
+    check_lost(rep, 1.0)  # off
+    _, ok = enc([PLAIN], glm4)
+    assert ok.lost_share == 0.0 and ok.summary().splitlines()[0].startswith("reply tokens trained 100.0%")
+    check_lost(ok, 0.0)
+
+
+def test_skipped_conversations_count_as_lost(glm4):
+    _, rep = enc([PLAIN, REASONING, REASONING, REASONING], glm4, on_invalid="skip")
+    with pytest.raises(TurntuneError, match="3 of 4 conversations"):
+        check_lost(rep, 0.5)
+
+
+# ---- off by one in history ------------------------------------------------------------------
+
+def test_history_that_fits_exactly_is_kept(smollm2_tokenizer):
+    tmpl = resolve_template(smollm2_tokenizer)
+    rounds = [p for i in range(5) for p in (u(f"question number {i} " * 3), a(f"answer number {i} " * 4))]
+    c = parse_record({"messages": rounds}, "x:1")
+    whole = tmpl.render(c)
+    for drop in (1, 2):  # the sample that keeps rounds drop.. of the last reply, rendered on its own
+        sub = Conversation(c.messages[2 * drop:], c.tools, c.source)
+        limit = tmpl.render(sub).turn_end[-1]
+        assert limit < whole.turn_end[-1]
+        for strategy in ("last", "expand"):
+            exs, rep = enc([c], tmpl, strategy=strategy, max_length=limit)
+            assert len(exs[-1]) == limit, (strategy, drop)
+            assert exs[-1].input_ids == tmpl.render(sub).input_ids[:limit]
+
+
+# ---- validate agrees with encode --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def toy_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("toy-folder")
+    toy_tokenizer().save_pretrained(folder)
+    (folder / "config.json").write_text("{}")
+    return folder
+
+
+def test_validate_with_a_model_reports_what_the_template_refuses(tmp_path, toy_dir, capsys):
+    from turntune.cli import main
+
+    p = tmp_path / "d.jsonl"
+    p.write_text(json.dumps({"messages": [u("q"), a("fine")]}) + "\n"
+                 + json.dumps({"messages": [u("q"), a("42", reasoning_content="6 times 7")]}) + "\n")
+    assert main(["validate", str(p)]) == 0  # structure alone is fine
+    capsys.readouterr()
+    assert main(["validate", str(p), "--model", str(toy_dir)]) == 1
+    out = capsys.readouterr().out
+    assert "template glm4: 1 of 2 valid records encode" in out
+    assert "refused not_rendered: 1" in out and f"{p}:2: turn 2: the native GLM-4 format" in out
+    # encode in skip mode goes on, and says what it lost on the report's first line
+    assert main(["encode", str(p), "--model", str(toy_dir), "--on-invalid", "skip"]) == 0
+    out = capsys.readouterr().out
+    assert "LOST 1 of 2 conversations (skipped: not_rendered 1)" in out
+    assert main(["encode", str(p), "--model", str(toy_dir)]) == 2
+    assert f"{p}:2: turn 2: the native GLM-4 format" in capsys.readouterr().err

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 from turntune.constants import IGNORE_INDEX
 from turntune.conversation import Conversation
-from turntune.encode import EncodeOptions, EncodeReport, encode_conversations
+from turntune.encode import EncodeOptions, EncodeReport, conversation_error, encode_conversations, render_each
+from turntune.errors import TurntuneError
 from turntune.example import Example
 from turntune.templates.base import Rendered, Template
 
@@ -86,8 +87,9 @@ class AuditReport:
 
     @property
     def ok(self) -> bool:
-        """Trainable, and every trained reply learns to stop."""
-        return self.trained_tokens > 0 and self.terminator_trained == self.replies_trained
+        """Trainable, nothing refused, and every trained reply learns to stop."""
+        return (self.trained_tokens > 0 and self.terminator_trained == self.replies_trained
+                and not self.encode.get("skipped"))
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -121,9 +123,15 @@ def audit(conversations: Sequence[Conversation], tokenizer, template: Template,
     """
     convs = list(conversations)
     rep = AuditReport(template.name, options.strategy, options.max_length)
+    # A conversation the template refuses is counted (the encode report's skipped) and left out.
+    er = EncodeReport()
+    rendered = render_each(template, convs)
+    for c, r in zip(convs, rendered):
+        if isinstance(r, TurntuneError):
+            er.refuse(conversation_error(c, r))
+    convs, rendered = ([c for c, r in zip(convs, rendered) if not isinstance(r, TurntuneError)],
+                       [r for r in rendered if not isinstance(r, TurntuneError)])
     _count_data(rep, convs)
-    render_many = getattr(template, "render_many", None)
-    rendered = render_many(convs) if render_many else [template.render(c) for c in convs]
     control = control_ids(tokenizer)
     roles = Counter()
     for c, r in zip(convs, rendered):
@@ -132,8 +140,7 @@ def audit(conversations: Sequence[Conversation], tokenizer, template: Template,
     _template_text(rep, tokenizer, template, convs, rendered, control)
     _special_in_content(rep, tokenizer, convs)
 
-    er = EncodeReport()
-    examples = encode_conversations(convs, template, options, report=er)
+    examples = encode_conversations(convs, template, options, report=er, on_invalid="skip")
     _count_examples(rep, examples, {c.source: c for c in convs}, control, set(template.stop_ids()), tokenizer)
     rep.encode = {k: v for k, v in vars(er).items() if not isinstance(v, list)}
     unstable = [c.source for c, r in zip(convs, rendered) if not r.prefix_stable]
@@ -146,7 +153,7 @@ def audit(conversations: Sequence[Conversation], tokenizer, template: Template,
                             "trained token is what inference would see")
     for s in COST_STRATEGIES:
         exs = examples if s == options.strategy else encode_conversations(
-            convs, template, dataclasses.replace(options, strategy=s))
+            convs, template, dataclasses.replace(options, strategy=s), on_invalid="skip")
         rep.cost[s] = StrategyCost(len(exs), sum(len(e) for e in exs), sum(e.n_trained for e in exs))
     return rep
 

@@ -29,7 +29,21 @@ def _validate(a) -> int:
 
     res = load_conversations(a.data, format=a.format, on_invalid="skip")
     print(res.report.summary())
-    return EXIT_INVALID if res.report.n_skipped else 0
+    refused = 0
+    if a.model:  # what only a template can tell: the records it refuses, drops text of, or cannot span
+        from turntune.encode import EncodeOptions, EncodeReport, encode_conversations, resolve_template
+        from turntune.models import load_tokenizer
+
+        tok = load_tokenizer(a.model)
+        chat_template = Path(a.chat_template).read_text(encoding="utf-8") if a.chat_template else None
+        tmpl = resolve_template(tok, a.template, chat_template)
+        rep = EncodeReport()
+        encode_conversations(res.conversations, tmpl, EncodeOptions(), report=rep, on_invalid="skip")
+        refused = sum(rep.skipped.values())
+        print(f"template {tmpl.name}: {rep.conversations} of {len(res.conversations)} valid records encode"
+              + "".join(f"\n  refused {rule}: {n}\n" + "\n".join(f"    {t}" for t in rep.skip_examples[rule])
+                        for rule, n in sorted(rep.skipped.items())))
+    return EXIT_INVALID if res.report.n_skipped or refused else 0
 
 
 def _encoder(a):
@@ -49,7 +63,7 @@ def _encode(a) -> int:
     print(res.report.summary())
     _, tmpl, opts = _encoder(a)
     rep = EncodeReport()
-    encode_conversations(res.conversations, tmpl, opts, report=rep)
+    encode_conversations(res.conversations, tmpl, opts, report=rep, on_invalid=a.on_invalid)
     print(f"template {tmpl.name}, strategy {opts.strategy}, weighting {opts.weighting}, max_length {opts.max_length}")
     print(rep.summary())
     return 0 if rep.examples else EXIT_INVALID
@@ -75,7 +89,8 @@ def _eval(a) -> int:
     for path, adapter in [(a.model, a.adapter)] + ([(a.compare, None)] if a.compare else []):
         model, tok = load_for_chat(path, adapter)
         tmpl = resolve_template(tok, a.template)
-        exs = encode_conversations(res.conversations, tmpl, EncodeOptions("all", "token", a.max_length))
+        exs = encode_conversations(res.conversations, tmpl, EncodeOptions("all", "token", a.max_length),
+                                   on_invalid=a.on_invalid)
         results.append(evaluate(model, exs, pad_id=tok.pad_token_id, max_length=a.max_length,
                                 kinds=turn_kinds(res.conversations)))
     names = _model_names(a.model, a.compare) if a.compare else (Path(a.model).name or a.model, "")
@@ -156,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("validate", help="check a data file; report invalid records by rule")
     s.add_argument("data")
     s.add_argument("--format", default="auto", choices=["auto", "openai", "glm4", "sharegpt"])
+    s.add_argument("--model", help="also check what this model's template can encode (refused records, by rule)")
+    s.add_argument("--template", default="auto", choices=["auto", "glm4", "hf"])
+    s.add_argument("--chat-template", help="a Jinja file to use instead of the tokenizer's chat_template")
     s = sub.add_parser("encode", help="encode a data file and report what was trained, dropped, cut")
     s.add_argument("data")
     s.add_argument("--model", default="builtin:smollm2")

@@ -75,10 +75,15 @@ class DataConfig:
     """Cut a reply that cannot fit max_length even alone, instead of dropping (and counting) it."""
     packing: bool = True
     """Pack several examples per row (no attention or label across examples)."""
+    max_lost_share: float = 0.1
+    """Stop before training when more than this share of the data is lost: of the reply tokens
+    meant to be trained (replies too long for max_length, cut), or of the conversations (skipped by
+    on_invalid=skip). 1.0 turns the check off."""
 
     def __post_init__(self) -> None:
         _require("data", self, max_length=(self.max_length >= 8, "at least 8"),
-                 history_fraction=(0 <= self.history_fraction < 1, "0 <= x < 1"))
+                 history_fraction=(0 <= self.history_fraction < 1, "0 <= x < 1"),
+                 max_lost_share=(0 <= self.max_lost_share <= 1, "0 <= x <= 1"))
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,12 @@ Where slicing would not be exact, the conversation is rendered again: conversati
 rendering is not prefix-stable are expanded for real, and conversations longer than
 ``max_length`` become windows of whole rounds (``all``) or lose their oldest rounds of history
 (``expand``/``last``). Every such event is counted in an :class:`EncodeReport`.
+
+A reply with ``weight`` 0 is context in every strategy: it is rendered, never labelled, and
+``expand`` makes no sample for it. An error while encoding one conversation (a template that
+refuses it, drops what it says, or gives no exact span) is that conversation's error: it stops
+the run (``on_invalid="error"``) naming the record and the rule, or the conversation is skipped
+and counted (``"skip"``), never the end of the whole data set.
 """
 from __future__ import annotations
 
@@ -28,8 +34,9 @@ from typing import Literal, get_args
 
 from turntune.constants import IGNORE_INDEX
 from turntune.conversation import Conversation
-from turntune.errors import ConfigError, TurntuneError
+from turntune.errors import ConfigError, DataError, TurntuneError
 from turntune.example import Example
+from turntune.errors import TemplateError
 from turntune.templates.base import Rendered, Template
 
 Strategy = Literal["all", "expand", "last", "full"]
@@ -74,22 +81,58 @@ class EncodeReport:
     replies_trained: int = 0
     replies_lost: int = 0  # a reply that cannot fit max_length even with no history (not cut)
     replies_cut: int = 0  # cut at max_length because the user asked for it
+    replies_excluded: int = 0  # weight 0 in the data: context only, by the user's choice
     windows: int = 0  # sequences made by splitting long conversations (all), beyond the first
     history_rounds_dropped: int = 0  # expand/last: oldest whole rounds dropped to fit
     not_prefix_stable: int = 0  # conversations expanded for real because slicing is not exact
     conversations_without_labels: int = 0
     tokens: int = 0
     trained_tokens: int = 0
-    reply_tokens: int = 0  # target tokens of every reply in the data, trained or not
+    reply_tokens: int = 0  # target tokens of the replies the strategy means to train (weight 1; last: the last)
     reply_tokens_trained: int = 0
     history_seen: list[int] = field(default_factory=list)  # context tokens before each trained reply
+    skipped: Counter = field(default_factory=Counter)  # rule -> conversations refused (on_invalid=skip)
+    skip_examples: dict[str, list[str]] = field(default_factory=dict)  # rule -> first error texts
+
+    @property
+    def reply_tokens_lost(self) -> int:
+        """Reply tokens meant to be trained that no example trains (too long; cut)."""
+        return self.reply_tokens - self.reply_tokens_trained
+
+    @property
+    def lost_share(self) -> float:
+        return self.reply_tokens_lost / self.reply_tokens if self.reply_tokens else 0.0
 
     def merge(self, other: "EncodeReport") -> None:
         for name, value in vars(other).items():
-            if isinstance(value, list):
+            if isinstance(value, dict) and not isinstance(value, Counter):
+                for key, texts in value.items():
+                    getattr(self, name).setdefault(key, []).extend(texts)
+            elif isinstance(value, list):
                 getattr(self, name).extend(value)
             else:
                 setattr(self, name, getattr(self, name) + value)
+
+    def refuse(self, err: DataError) -> None:
+        """Count a conversation skipped for ``err`` (keeping the first few texts per rule)."""
+        self.skipped[err.rule] += 1
+        kept = self.skip_examples.setdefault(err.rule, [])
+        if len(kept) < _MAX_EXAMPLES:
+            kept.append(str(err))
+
+    def headline(self) -> str:
+        """One line: what share of the reply tokens meant to be trained is lost, if any."""
+        share = self.reply_tokens_trained / self.reply_tokens if self.reply_tokens else 0.0
+        skipped = sum(self.skipped.values())
+        parts = []
+        if self.reply_tokens_lost:
+            parts.append(f"LOST {self.lost_share:.1%} of reply tokens ({self.replies_lost} of "
+                         f"{self.replies - self.replies_excluded} replies too long for max_length,"
+                         f" {self.replies_cut} cut; reply tokens trained {share:.1%})")
+        if skipped:
+            parts.append(f"LOST {skipped} of {skipped + self.conversations} conversations (skipped: "
+                         + ", ".join(f"{k} {v}" for k, v in sorted(self.skipped.items())) + ")")
+        return "; ".join(parts) or f"reply tokens trained {share:.1%} (nothing lost)"
 
     def summary(self) -> str:
         h = sorted(self.history_seen)
@@ -97,18 +140,46 @@ class EncodeReport:
         p10 = h[len(h) // 10] if h else 0
         share = self.reply_tokens_trained / self.reply_tokens if self.reply_tokens else 0.0
         lines = [
+            self.headline(),
             f"conversations {self.conversations}  ->  examples {self.examples}"
             f" (extra windows {self.windows})",
             f"tokens {self.tokens:,}  trained {self.trained_tokens:,}"
             f" ({self.trained_tokens / max(self.tokens, 1):.1%} of tokens)",
             f"replies {self.replies}: trained {self.replies_trained}, lost (too long) {self.replies_lost},"
-            f" cut {self.replies_cut}; reply tokens trained {share:.1%}",
+            f" cut {self.replies_cut}" + (f", weight 0 (context only) {self.replies_excluded}" if self.replies_excluded
+                                          else "") + f"; reply tokens trained {share:.1%}",
             f"history: rounds dropped {self.history_rounds_dropped}; tokens seen per reply median {med:.0f},"
             f" p10 {p10}",
             f"not prefix-stable (expanded for real) {self.not_prefix_stable};"
             f" conversations with nothing to train {self.conversations_without_labels}",
         ]
+        for rule, n in sorted(self.skipped.items()):
+            lines.append(f"skipped {rule}: {n}")
+            lines.extend(f"  {text}" for text in self.skip_examples.get(rule, []))
         return "\n".join(lines)
+
+
+_MAX_EXAMPLES = 3  # error texts kept per rule in an EncodeReport
+
+
+def check_lost(report: EncodeReport, max_lost_share: float, loaded=None) -> None:
+    """Stop a run that would lose more than ``max_lost_share`` of what it was given: of the reply
+    tokens meant to be trained, or of the conversations (skipped while loading, ``loaded`` a
+    :class:`~turntune.data.DataReport`, or while encoding)."""
+    fix = "or raise data.max_lost_share (1.0 turns this check off)"
+    if report.lost_share > max_lost_share:
+        raise TurntuneError(
+            f"data.max_lost_share={max_lost_share:g}: this run would lose {report.lost_share:.1%} of the reply tokens "
+            f"({report.replies_lost} replies too long for max_length, {report.replies_cut} cut); raise "
+            f"data.max_length, set data.cut_long_replies=true, {fix}")
+    skipped = sum(report.skipped.values()) + (loaded.n_skipped if loaded is not None else 0)
+    total = skipped + report.conversations
+    if total and skipped / total > max_lost_share:
+        rules = Counter(report.skipped) + (Counter(loaded.skipped) if loaded is not None else Counter())
+        raise TurntuneError(
+            f"data.max_lost_share={max_lost_share:g}: {skipped} of {total} conversations were skipped ("
+            + ", ".join(f"{k} {v}" for k, v in sorted(rules.items())) + f"); fix the data (the report names "
+            f"the records), {fix}")
 
 
 # -- public entry points ------------------------------------------------------------------------
@@ -161,30 +232,71 @@ def encode_conversations(
     options: EncodeOptions = EncodeOptions(),
     *,
     report: EncodeReport | None = None,
+    on_invalid: str = "error",
     chunk: int = 4096,
     progress=None,
 ) -> list[Example]:
     """Encode many conversations; tokenizer calls are batched ``chunk`` conversations at a time.
 
-    Why 4096: each batch call wakes the tokenizer's thread pool, and its threads burn CPU before
-    going back to sleep; 4 calls of 512 took 15-20% more tokenizer CPU than 1 call of 2,000 here.
+    A conversation the template cannot encode exactly raises a :class:`DataError` naming its
+    source and rule (``on_invalid="error"``), or is skipped and counted in ``report.skipped``
+    (``"skip"``). Why 4096: each batch call wakes the tokenizer's thread pool, and its threads burn
+    CPU before going back to sleep; 4 calls of 512 took 15-20% more tokenizer CPU than 1 call of 2,000.
     """
+    check_choice("on_invalid", on_invalid, ("error", "skip"))
     if options.strategy == "full":  # Python's default filter shows it once per call site
         warnings.warn("strategy 'full' trains on user and system tokens too: the model learns to write "
                       "the user's turns. Use 'all' unless you are comparing.", stacklevel=2)
     report = report if report is not None else EncodeReport()
     convs = list(conversations)
     out: list[Example] = []
-    render_many = getattr(template, "render_many", None)
     for lo in range(0, len(convs), chunk):
         with _young_collections_only():
             part = convs[lo:lo + chunk]
             # The renderings die with the loop, before the collection at the end of the chunk.
-            for conv, r in zip(part, render_many(part) if render_many else [template.render(c) for c in part]):
-                out.extend(_Encoder(conv, r, template, options, report).run())
+            for conv, r in zip(part, render_each(template, part)):
+                own = EncodeReport()  # merged only if the whole conversation encodes
+                try:
+                    if isinstance(r, TurntuneError):
+                        raise r
+                    exs = _Encoder(conv, r, template, options, own).run()
+                except TurntuneError as e:
+                    err = conversation_error(conv, e)
+                    if on_invalid == "error":
+                        raise err from None
+                    report.refuse(err)
+                    continue
+                report.merge(own)
+                out.extend(exs)
         if progress is not None:
             progress(len(part))
     return out
+
+
+def render_each(template: Template, part: Sequence[Conversation]) -> list:
+    """Each conversation's rendering, or the TurntuneError that rendering it raised. One batched
+    call where the whole chunk renders; one by one where some conversation refuses."""
+    render_many = getattr(template, "render_many", None)
+    if render_many is not None:
+        try:
+            return render_many(part)
+        except TurntuneError:
+            pass
+    out: list = []
+    for c in part:
+        try:
+            out.append(template.render(c))
+        except TurntuneError as e:
+            out.append(e)
+    return out
+
+
+def conversation_error(conv: Conversation, e: TurntuneError) -> DataError:
+    """One conversation's encoding error as a DataError with its source and rule."""
+    if isinstance(e, DataError):
+        return e
+    text = str(e).removeprefix(f"{conv.source}: ") if conv.source else str(e)
+    return DataError(text, source=conv.source, rule=getattr(e, "rule", "template_refused"))
 
 
 @contextlib.contextmanager
@@ -220,8 +332,11 @@ class _Encoder:
         self.asst = conv.assistant_indices  # message index of turn k
         self.n = len(r.turn_end)
         if self.n != len(self.asst):
-            raise TurntuneError(f"{conv.source}: template {template.name} rendered {self.n} replies, "
-                                f"the conversation has {len(self.asst)}")
+            raise TemplateError(f"template {template.name} rendered {self.n} replies, the conversation has "
+                                f"{len(self.asst)}", rule="span_not_found")
+        # The replies to train (weight 1), and of those the ones this strategy means to train.
+        self.trained = conv.trained_turns
+        self.intended = self.trained[-1:] if opts.strategy == "last" else self.trained
         msgs = conv.messages
         self.sys = 1 if msgs and msgs[0].role == "system" else 0
         # A window or truncated history starts at a round: a user message (never inside a tool chain).
@@ -230,30 +345,47 @@ class _Encoder:
 
     def _counts(self):
         if self._cum is None:
-            counts = Counter(self.r.message)
+            r = self.r
+            counts = Counter(r.message)
             self.msg_tok = [counts.get(i, 0) for i in range(len(self.conv.messages))]
             self.overhead = counts.get(-1, 0) + sum(self.msg_tok[: self.sys])
             self._cum = [0]
             for c in self.msg_tok:
                 self._cum.append(self._cum[-1] + c)
+            # Per reply: its message's tokens after its terminator (ChatML's trailing newline). A
+            # sample that ends with reply k does not hold them, so estimates leave them out.
+            self.tail = []
+            for k, end in enumerate(r.turn_end):
+                i = end
+                while i < len(r.message) and r.message[i] == self.asst[k]:
+                    i += 1
+                self.tail.append(i - end)
 
     def run(self) -> list[Example]:
         rep, r, s = self.report, self.r, self.o.strategy
         rep.conversations += 1
         rep.replies += self.n
-        rep.reply_tokens += len(r.turn) - r.turn.count(-1)
-        if s == "full":
+        rep.replies_excluded += self.n - len(self.trained)
+        if len(self.intended) == self.n:
+            rep.reply_tokens += len(r.turn) - r.turn.count(-1)
+        else:
+            per_turn = Counter(r.turn)
+            rep.reply_tokens += sum(per_turn[k] for k in self.intended)
+        if not self.trained:  # every reply weight 0 (validation refuses such records; an API caller may not)
+            exs = []
+        elif s == "full":
             exs = [self._full()]
         elif not r.prefix_stable and s != "last":
             rep.not_prefix_stable += 1
-            exs = [e for k in range(self.n) if (e := self._for_turn(k)) is not None]
+            exs = [e for k in self.trained if (e := self._for_turn(k)) is not None]
         elif s == "expand":
-            exs = [e for k in range(self.n) if (e := self._for_turn(k)) is not None]
+            exs = [e for k in self.trained if (e := self._for_turn(k)) is not None]
         elif s == "last":
-            e = self._for_turn(self.n - 1)
+            e = self._for_turn(self.trained[-1])
             exs = [e] if e is not None else []
-        elif r.turn_end[-1] <= self.limit:
-            exs = [self._make(r, r.turn_end[-1], set(range(self.n)), 0, list(range(len(self.conv.messages))))]
+        elif r.turn_end[self.trained[-1]] <= self.limit:
+            exs = [self._make(r, r.turn_end[self.trained[-1]], set(self.trained), 0,
+                              list(range(len(self.conv.messages))))]
         else:
             exs = self._windows()
         counted = [(e, n) for e in exs if (n := e.n_trained) > 0]  # n_trained counts: once each
@@ -299,10 +431,10 @@ class _Encoder:
         starts = [s for s in self.round_starts if s < rk] + [rk]
         for start in starts:
             final = start == starts[-1]
-            if not final and self._est(start, end) > self.limit:
+            if not final and self._est(start, end) - self.tail[k] > self.limit:
                 continue
             sub, keep, t0 = self._render_slice(start, end)
-            if len(sub.input_ids) <= self.limit or final:
+            if sub.turn_end[k - t0] <= self.limit or final:  # the sample ends at the reply's end
                 self.report.history_rounds_dropped += sum(1 for s in self.round_starts if s < start)
                 local = k - t0
                 return self._make(sub, sub.turn_end[local], {local}, t0, keep)
@@ -317,28 +449,30 @@ class _Encoder:
         out: list[Example] = []
         budget = int(self.o.history_fraction * self.limit)
         self._counts()
-        t = 0
-        while t < self.n:
+        todo = self.trained  # the replies to train, in order; weight-0 replies are only context
+        i = 0
+        while i < len(todo):
+            t = todo[i]
             rs = self._round_of(t)
             start = rs
             for s in reversed([s for s in self.round_starts if s < rs]):  # grow history backwards
                 if self._est(s, rs - 1) - self.overhead > budget:
                     break
                 start = s
-            last = t
-            while last + 1 < self.n and self._est(start, self.asst[last + 1]) <= self.limit:
-                last += 1
+            j = i
+            while j + 1 < len(todo) and self._est(start, self.asst[todo[j + 1]]) - self.tail[todo[j + 1]] <= self.limit:
+                j += 1
             while True:  # the estimate can be off by a few template tokens: verify, then shrink
-                sub, keep, t0 = self._render_slice(start, self.asst[last])
-                if len(sub.input_ids) <= self.limit or (start == rs and last == t):
+                sub, keep, t0 = self._render_slice(start, self.asst[todo[j]])
+                if sub.turn_end[todo[j] - t0] <= self.limit or (start == rs and j == i):
                     break
-                if last > t:
-                    last -= 1
+                if j > i:
+                    j -= 1
                 else:
                     start = min(s for s in self.round_starts if s > start)
-            ex = self._make(sub, sub.turn_end[last - t0], set(range(t - t0, last - t0 + 1)), t0, keep)
+            ex = self._make(sub, sub.turn_end[todo[j] - t0], {k - t0 for k in todo[i:j + 1]}, t0, keep)
             out.append(ex)
-            t = last + 1
+            i = j + 1
         return out
 
     def _full(self) -> Example:
@@ -346,9 +480,16 @@ class _Encoder:
         end = min(len(r.input_ids), self.limit)
         labels = [IGNORE_INDEX] + r.input_ids[1:end]  # position 0 is never predicted
         weight = [0.0] + [1.0] * (end - 1) if end else []  # token weights; _weigh sets the others
-        ex = Example(r.input_ids[:end], labels, r.turn[:end], weight, self.conv.source, self.n, r.message[:end])
-        self.report.replies_trained += len({t for t in r.turn[:end] if t >= 0})
-        self.report.reply_tokens_trained += sum(1 for t in r.turn[:end] if t >= 0)
+        turn = r.turn[:end]
+        if len(self.trained) < self.n:  # weight-0 replies stay context, even here
+            excluded = set(range(self.n)) - set(self.trained)
+            turn = [-1 if t in excluded else t for t in turn]
+            for i, t in enumerate(r.turn[:end]):
+                if t in excluded:
+                    labels[i], weight[i] = IGNORE_INDEX, 0.0
+        ex = Example(r.input_ids[:end], labels, turn, weight, self.conv.source, self.n, r.message[:end])
+        self.report.replies_trained += len({t for t in turn if t >= 0})
+        self.report.reply_tokens_trained += sum(1 for t in turn if t >= 0)
         return ex
 
     def _make(self, r: Rendered, end: int, train: set[int], t0: int, keep: list[int]) -> Example:

@@ -250,6 +250,8 @@ def format_report(rep: AuditReport, source: str = "") -> str:
             f"truncation: history rounds dropped {e.get('history_rounds_dropped', 0)}, replies cut "
             f"{e.get('replies_cut', 0)}, replies lost (too long even alone) {e.get('replies_lost', 0)}, "
             f"extra windows {e.get('windows', 0)}",
+            *[f"REFUSED {n} conversations ({rule}): " + "; ".join(e.get("skip_examples", {}).get(rule, []))
+              for rule, n in sorted(e.get("skipped", {}).items())],
             f"not prefix-stable: {rep.not_prefix_stable} of {rep.conversations}"
             + (f" ({', '.join(rep.not_prefix_stable_sources)}{', ...' if rep.not_prefix_stable > MAX_LISTED else ''});"
                f" handled: {rep.prefix_handling}" if rep.not_prefix_stable else "")]

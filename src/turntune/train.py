@@ -29,7 +29,7 @@ import torch.distributed as dist
 from turntune.collate import Batch, pad_batch, packed_batches, rows_batch, token_budget_batches
 from turntune.config import Config
 from turntune.data import load_conversations
-from turntune.encode import EncodeOptions, EncodeReport, encode_conversations, resolve_template
+from turntune.encode import EncodeOptions, EncodeReport, check_lost, encode_conversations, resolve_template
 from turntune.errors import ConfigError, TurntuneError
 from turntune.evaluate import EvalResult, evaluate, turn_kinds
 from turntune.loss import (LossModel, backward_loss, batch_loss, check_matches_model, model_parts,
@@ -198,9 +198,11 @@ def _encode_split(path, cfg: Config, template, log: Log, what: str, options: Enc
     loaded = load_conversations(path, format=cfg.data.format, on_invalid=cfg.data.on_invalid)
     log(f"{what}: {loaded.report.summary()}")
     rep = EncodeReport()
-    examples = encode_conversations(loaded.conversations, template, options, report=rep)
+    examples = encode_conversations(loaded.conversations, template, options, report=rep,
+                                    on_invalid=cfg.data.on_invalid)
     log(f"{what} encoding ({options.strategy}, {options.weighting}, max_length {options.max_length}):")
     log("  " + rep.summary().replace("\n", "\n  "))
+    check_lost(rep, cfg.data.max_lost_share, loaded.report)
     if not examples:
         raise TurntuneError(f"{path}: no example has a trained token (see the report above); nothing to train on")
     return loaded.conversations, examples, rep

@@ -92,6 +92,10 @@ class GLM4Template:
         if tools and (not msgs or msgs[0].role != "system"):
             out.append((self.ids["<|system|>"], "\n" + tools, -1, False))
         for i, m in enumerate(msgs):
+            if m.reasoning:  # training it as content, or dropping it, would both be silent losses
+                raise TemplateError(f"{conv.source}: turn {i + 1}: the native GLM-4 format (glm-4-9b-chat) has no "
+                                    "place for reasoning; to train reasoning, set data.chat_template to a Jinja "
+                                    "template that renders it (reasoning_content / <think>)", rule="not_rendered")
             role = self.ids[ROLE_TOKEN[m.role]]
             if m.role == "system":
                 text = m.content + ("\n\n" + tools if tools else "")
