@@ -59,8 +59,10 @@ def check_model_folder(path: str | Path) -> Path:
     >>> check_model_folder("~/models/glm-4-9b-chat")  # doctest: +SKIP
     PosixPath('/home/me/models/glm-4-9b-chat')
     """
-    p = resolve_path(path) if isinstance(path, str) and path.startswith("builtin:") else (
-        _expand(path) if isinstance(path, str) else path)
+    if isinstance(path, str):  # a folder as given (a run's final/ adapter folder has no config.json)
+        p = resolve_path(path) if path.startswith("builtin:") else _expand(path)
+    else:
+        p = path
     config = p / "config.json"
     if config.is_file():
         _check_config_json(config)
