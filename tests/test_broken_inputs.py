@@ -187,7 +187,7 @@ def test_the_corpus_is_complete(corpus):
     assert set(corpus) == set(CORPUS) | set(WHOLE_FILE)
     assert len(corpus) == 24
     covered = {rule for case in CORPUS.values() for rule, _ in case.bad.values()}
-    assert covered == set(RULES) - {"missing_file", "no_records"}  # tests below cover those two
+    assert covered == set(RULES) - {"missing_file", "unreadable_file", "no_records"}  # tests below cover those
 
 
 @pytest.mark.parametrize("name", sorted(CORPUS))
@@ -567,7 +567,9 @@ def test_missing_chat_template_file_names_the_setting(toy_dir, tmp_path, capsys)
 OUT_OF_RANGE = [("train.lr", "-1", "-1.0", "a positive number"), ("train.lr", ".nan", "nan", "a positive number"),
                 ("train.grad_accum", "0", "0", "at least 1"), ("lora.r", "0", "0", "at least 1"),
                 ("train.max_steps", "-5", "-5", "0 or more"), ("data.max_length", "4", "4", "at least 8"),
-                ("train.keep_last", "0", "0", "at least 1")]
+                ("train.keep_last", "0", "0", "at least 1"),
+                # numpy seeds only take 0 <= seed < 2**32: these used to pass the config and then raise in numpy
+                ("train.seed", "-1", "-1", "0 <= x < 2**32"), ("train.seed", "4294967296", "4294967296", "0 <= x < 2**32")]
 
 
 @pytest.mark.parametrize("setting,value,shown,need", OUT_OF_RANGE)
@@ -577,3 +579,181 @@ def test_out_of_range_settings_are_refused_at_load(toy_dir, tmp_path, capsys, se
     assert main(["train", str(_train_cfg(tmp_path, toy_dir)), f"--{setting}={value}"]) == 2
     assert capsys.readouterr().err == f"turntune: error: {setting}: {shown} is out of range ({need})\n"
     assert not (tmp_path / "run").exists()
+
+
+# -- user mistakes that used to end in a traceback ---------------------------------------------------
+# Each was found escaping as a raw exception (PermissionError, UnicodeEncodeError, RuntimeError,
+# TypeError, SafetensorError, ValueError); each must be exit code 2 and one line naming the file or
+# setting.
+def _cli_err(capsys, argv: list[str]) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def _unreadable(monkeypatch, path: Path) -> None:
+    """Take read permission away from ``path``. Root ignores file modes (tests run as root), so
+    there the refusal the kernel would give anyone else is raised where the file is opened."""
+    import errno
+    import os
+
+    path.chmod(0)
+    if os.geteuid() == 0:
+        real = Path.open
+
+        def denied(self, *a, **k):
+            if self == path:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+            return real(self, *a, **k)
+
+        monkeypatch.setattr(Path, "open", denied)  # Path.read_bytes opens through it too
+
+
+GOOD_RECORD = json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "r"}]})
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_a_data_file_without_read_permission(tmp_path, toy_dir, monkeypatch, capsys, suffix):
+    path = tmp_path / f"locked{suffix}"
+    path.write_text(GOOD_RECORD + "\n")
+    _unreadable(monkeypatch, path)
+    message = f"{path}: cannot read the file: Permission denied (check that you may read it)"
+    for mode in ("error", "skip"):  # there is no record to skip to
+        with pytest.raises(DataError) as info:
+            load_conversations(path, on_invalid=mode)
+        assert (info.value.rule, str(info.value)) == ("unreadable_file", message)
+    assert _cli_err(capsys, ["validate", str(path)]) == f"turntune: error: {message}\n"
+    assert _cli_err(capsys, ["encode", str(path), "--model", str(toy_dir)]) == f"turntune: error: {message}\n"
+
+
+def test_a_file_name_that_is_not_utf8_on_a_strict_terminal(tmp_path, toy_dir):
+    """A Linux file name may hold any byte; Python hands it over as a lone surrogate, which a
+    strict UTF-8 stdout refuses to print. The name is shown with the byte escaped instead."""
+    import os
+
+    raw = os.fsencode(tmp_path) + b"/data-\xff.jsonl"
+    with open(raw, "wb") as f:
+        f.write(GOOD_RECORD.encode() + b"\n{broken\n")
+    shown = f"{tmp_path}/data-\\xff.jsonl"
+    bad_line = f"{shown}:2: not valid JSON: Expecting property name enclosed in double quotes at column 2 {JSONL_FIX}"
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8:strict", "LC_ALL": "C.UTF-8"}
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "turntune", *args, os.fsdecode(raw)], capture_output=True,
+                              text=True, env=env, timeout=300)
+
+    done = run("validate")
+    assert (done.returncode, done.stderr) == (1, ""), done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == f"{shown}: 2 records, 1 valid, 1 skipped"
+    assert lines[-2:] == ["  skipped bad_json: 1", f"    {bad_line}"]
+    done = run("encode", "--model", str(toy_dir))
+    assert (done.returncode, done.stdout, done.stderr) == (2, "", f"turntune: error: {bad_line}\n")
+
+
+def test_model_path_under_an_unknown_users_home(toy_dir, tmp_path, capsys):
+    where = "~turntune-no-such-user/models/x"
+    message = (f"turntune: error: model.path: {where}: there is no user 'turntune-no-such-user' whose home '~' "
+               "could stand for (write the folder's full path)\n")
+    assert _cli_err(capsys, ["train", str(_train_cfg(tmp_path, where))]) == message
+    assert _cli_err(capsys, ["encode", str(tmp_path / "train.jsonl"), "--model", where]) == message
+    assert _cli_err(capsys, ["eval", where, str(tmp_path / "train.jsonl")]) == message
+
+
+@pytest.mark.parametrize("text,what", [("[1, 2]", "a list"), ('"llama"', "a string"), ("null", "null")])
+def test_a_config_json_that_is_not_an_object(toy_dir, tmp_path, capsys, text, what):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for f in toy_dir.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    (folder / "config.json").write_text(text)
+    message = (f"turntune: error: model.path: {folder / 'config.json'} holds {what}, not an object (a Hugging Face "
+               "config.json is one JSON object of settings)\n")
+    assert _cli_err(capsys, ["train", str(_train_cfg(tmp_path, folder))]) == message
+    assert _cli_err(capsys, ["encode", str(tmp_path / "train.jsonl"), "--model", str(folder)]) == message
+
+
+def _weights(path: Path) -> bytes:
+    """A small safetensors file (header of 120 bytes, data 64 bytes) written to ``path``."""
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.arange(10, dtype=torch.float32), "b": torch.ones(3, 2)}, str(path))
+    return path.read_bytes()
+
+
+# damage -> (the file's bytes from the intact ones, what the message says after "model.path: FILE ")
+DAMAGED_WEIGHTS = {
+    "cut in the data": (lambda b: b[:150], "is truncated: 150 bytes, its header says 192 (copy the file again)"),
+    "cut in the header": (lambda b: b[:40], "is truncated: 40 bytes, its header alone needs 128 (copy the file again)"),
+    "shorter than the header length": (lambda b: b[:5], "is truncated: 5 bytes, not even the 8-byte header length "
+                                                        "(copy the file again)"),
+    "extra bytes": (lambda b: b + b"\0\0\0", "has 195 bytes, its header says 192: it is damaged (copy the file "
+                                             "again)"),
+    "header not JSON": (lambda b: b[:8] + b"\xff" * 120 + b[128:], "is damaged: its header is not a safetensors "
+                                                                   "JSON header (copy the file again)"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGED_WEIGHTS))
+def test_damaged_safetensors_are_found_by_their_header(tmp_path, damage):
+    from safetensors import safe_open
+
+    from turntune.errors import ConfigError
+    from turntune.models import check_model_folder
+
+    cut, says = DAMAGED_WEIGHTS[damage]
+    path = tmp_path / "model.safetensors"
+    (tmp_path / "config.json").write_text("{}")
+    intact = _weights(path)
+    assert check_model_folder(tmp_path) == tmp_path
+    path.write_bytes(cut(intact))
+    with pytest.raises(ConfigError) as info:
+        check_model_folder(tmp_path)
+    assert str(info.value) == f"model.path: {path} {says}"
+    with pytest.raises(Exception, match="Error while deserializing header"):  # safetensors agrees it is broken
+        safe_open(str(path), "pt")
+
+
+def test_truncated_weights_are_refused_before_the_data_is_read(toy_dir, tmp_path, monkeypatch, capsys):
+    import turntune.train as tr
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for f in toy_dir.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    weights = folder / "model.safetensors"
+    weights.write_bytes(_weights(weights)[:150])
+
+    def too_late(*a, **k):
+        raise AssertionError("the data was read before the model folder was checked")
+
+    monkeypatch.setattr(tr, "load_conversations", too_late)
+    message = f"turntune: error: model.path: {weights} is truncated: 150 bytes, its header says 192 (copy the file again)\n"
+    assert _cli_err(capsys, ["train", str(_train_cfg(tmp_path, folder))]) == message
+    monkeypatch.setattr("turntune.data.load_conversations", too_late)  # encode and eval import it from there
+    assert _cli_err(capsys, ["encode", str(tmp_path / "train.jsonl"), "--model", str(folder)]) == message
+    assert _cli_err(capsys, ["eval", str(folder), str(tmp_path / "train.jsonl")]) == message
+
+
+@pytest.mark.parametrize("setting", ["train.output_dir", "data.train", "data.eval", "model.path",
+                                     "data.chat_template"])
+def test_a_path_setting_with_a_nul_byte(toy_dir, tmp_path, capsys, setting):
+    section, name = setting.split(".")
+    cfg = _train_cfg(tmp_path, toy_dir)
+    raw = yaml.safe_load(cfg.read_text())
+    raw.setdefault(section, {})[name] = f"{tmp_path}/run\0x"
+    cfg.write_text(yaml.safe_dump(raw))
+    assert _cli_err(capsys, ["train", str(cfg)]) == (
+        f"turntune: error: {setting}: '{tmp_path}/run\\x00x' holds a NUL byte, which no path can (remove it)\n")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("setting", ["train.output_dir", "data.train", "model.path"])
+def test_an_empty_path_setting(toy_dir, tmp_path, monkeypatch, capsys, setting):
+    """An empty path is the current folder to the OS: a run would write its checkpoints there."""
+    monkeypatch.chdir(tmp_path)
+    assert _cli_err(capsys, ["train", str(_train_cfg(tmp_path, toy_dir)), f"--{setting}="]) == (
+        f"turntune: error: {setting}: empty; give a path\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg.yaml", "train.jsonl"]  # nothing written

@@ -184,7 +184,7 @@ def test_rule(rule, record, message):
 
 
 def test_every_record_rule_has_a_case():
-    file_rules = {"missing_file", "bad_json", "bad_utf8", "no_records"}  # tested on files (test_broken_inputs)
+    file_rules = {"missing_file", "unreadable_file", "bad_json", "bad_utf8", "no_records"}  # on files (test_broken_inputs)
     assert {c[0] for c in RULE_CASES} == set(RULES) - file_rules
 
 

@@ -58,7 +58,9 @@ def _encoder(a):
 def _encode(a) -> int:
     from turntune.data import load_conversations
     from turntune.encode import EncodeReport, encode_conversations
+    from turntune.models import check_model_folder
 
+    check_model_folder(a.model)  # a damaged folder is named before the data is read
     res = load_conversations(a.data, format=a.format, on_invalid=a.on_invalid)
     print(res.report.summary())
     _, tmpl, opts = _encoder(a)
@@ -83,7 +85,10 @@ def _eval(a) -> int:
     from turntune.data import load_conversations
     from turntune.encode import EncodeOptions, encode_conversations, resolve_template
     from turntune.evaluate import evaluate, turn_kinds
+    from turntune.models import check_model_folder
 
+    for path in filter(None, (a.model, a.compare)):  # a damaged folder is named before the data is read
+        check_model_folder(path)
     res = load_conversations(a.data, format=a.format, on_invalid=a.on_invalid)
     results = []
     for path, adapter in [(a.model, a.adapter)] + ([(a.compare, None)] if a.compare else []):
@@ -114,7 +119,9 @@ def _model_names(a: str, b: str) -> tuple[str, str]:
 def _chat(a) -> int:
     from turntune.chat import chat_loop, load_for_chat
     from turntune.encode import resolve_template
+    from turntune.models import check_model_folder
 
+    check_model_folder(a.model)
     model, tok = load_for_chat(a.model, a.adapter)
     chat_loop(model, resolve_template(tok, a.template), system=a.system)
     return 0

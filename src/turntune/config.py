@@ -24,6 +24,19 @@ def _require(section: str, obj: object, **rules: tuple[bool, str]) -> None:
             raise ConfigError(f"{section}.{name}: {getattr(obj, name)!r} is out of range ({need})")
 
 
+def _paths(section: str, obj: object, *names: str, empty_means_none: tuple[str, ...] = ()) -> None:
+    """Path settings no file system can use, refused at load: a NUL byte would end in a ValueError
+    from the first OS call, and an empty path is the current folder (a run would write there)."""
+    for name in names:
+        value = getattr(obj, name)
+        if value is None or (value == "" and name in empty_means_none):
+            continue
+        if value == "":
+            raise ConfigError(f"{section}.{name}: empty; give a path")
+        if "\0" in value:
+            raise ConfigError(f"{section}.{name}: {value!r} holds a NUL byte, which no path can (remove it)")
+
+
 def _finite(x: float) -> bool:
     return x == x and x not in (float("inf"), float("-inf"))
 
@@ -44,6 +57,9 @@ class ModelConfig:
     ``sdpa`` and ``eager`` attend over a whole packed row under a block-diagonal mask;
     ``flash_attention_2`` (a GPU with the flash-attn package) gets the same example boundaries
     for its variable-length kernel."""
+
+    def __post_init__(self) -> None:
+        _paths("model", self, "path")
 
 
 @dataclass(frozen=True)
@@ -84,6 +100,7 @@ class DataConfig:
         _require("data", self, max_length=(self.max_length >= 8, "at least 8"),
                  history_fraction=(0 <= self.history_fraction < 1, "0 <= x < 1"),
                  max_lost_share=(0 <= self.max_lost_share <= 1, "0 <= x <= 1"))
+        _paths("data", self, "train", "eval", "chat_template", empty_means_none=("eval", "chat_template"))
 
 
 @dataclass(frozen=True)
@@ -135,7 +152,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
     seed: int = 0
-    """Seed for data order, initialisation and dropout: the same seed repeats a run."""
+    """Seed for data order, initialisation and dropout: the same seed repeats a run (0 <= seed < 2**32,
+    the range numpy's generator takes)."""
     eval_every: int = 20
     """Evaluate on the held-out split every N steps (0: only before and after)."""
     save_every: int = 0
@@ -164,7 +182,9 @@ class TrainConfig:
                  weight_decay=(_finite(self.weight_decay) and self.weight_decay >= 0, "0 or more"),
                  max_grad_norm=(_finite(self.max_grad_norm) and self.max_grad_norm >= 0, "0 (off) or more"),
                  eval_every=(self.eval_every >= 0, "0 or more"), save_every=(self.save_every >= 0, "0 or more"),
-                 keep_last=(self.keep_last >= 1, "at least 1"), log_every=(self.log_every >= 1, "at least 1"))
+                 keep_last=(self.keep_last >= 1, "at least 1"), log_every=(self.log_every >= 1, "at least 1"),
+                 seed=(0 <= self.seed < 2**32, "0 <= x < 2**32"))  # numpy's limit; torch takes more
+        _paths("train", self, "output_dir")
 
 
 @dataclass(frozen=True)

@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import Any, Iterator, Literal
 
 from turntune.conversation import Conversation, Message, ToolCall
-from turntune.errors import ConfigError, DataError
+from turntune.errors import ConfigError, DataError, printable
 
 Format = Literal["auto", "openai", "glm4", "sharegpt"]
 OnInvalid = Literal["error", "skip"]
@@ -70,6 +70,7 @@ RULES: tuple[str, ...] = (
     "bad_tool_call", "bad_tools", "empty_conversation", "system_not_first", "consecutive_user",
     "consecutive_assistant", "tool_without_call", "no_assistant", "no_records", "bad_reasoning",
     "bad_weight", "no_trained_reply", "undeclared_tool", "unknown_tool_call_id", "call_without_result",
+    "unreadable_file",
 )
 # Each format's role names mapped onto ours. ShareGPT's function_call is an assistant tool call.
 _ROLES: dict[str, dict[str, str]] = {
@@ -112,7 +113,7 @@ class DataReport:
 
     def summary(self) -> str:
         """Human-readable, several lines: counts, formats, each rule with its first errors."""
-        lines = [f"{self.path}: {self.records} records, {self.valid} valid, {self.n_skipped} skipped"]
+        lines = [f"{printable(self.path)}: {self.records} records, {self.valid} valid, {self.n_skipped} skipped"]
         if self.formats:
             lines.append("  formats: " + ", ".join(f"{k} {v}" for k, v in sorted(self.formats.items())))
         if self.valid:
@@ -151,8 +152,12 @@ def load_conversations(path: str | Path, *, format: Format = "auto",
     _check_choice("format", format, FORMATS)
     _check_choice("on_invalid", on_invalid, ("error", "skip"))
     path = Path(path)
-    name = str(path)
-    if not path.is_file():
+    name = printable(str(path))  # every source and message below names the file through it
+    try:
+        found = path.is_file()
+    except OSError as e:  # a folder on the way that may not be searched
+        raise _unreadable_file(name, e) from None
+    if not found:
         raise DataError("no such file (check the path)", source=name, rule="missing_file")
     report, conversations = DataReport(path=name), []
     for source, obj in _records(path, name):
@@ -225,7 +230,11 @@ def _records(path: Path, name: str) -> Iterator[tuple[str, Any]]:
         return
     # Binary lines: split on b"\n" only (text mode / str.splitlines would also split on U+2028
     # inside strings), so line numbers match what editors show, and bad UTF-8 stays per line.
-    with path.open("rb") as f:
+    try:
+        f = path.open("rb")
+    except OSError as e:
+        raise _unreadable_file(name, e) from None
+    with f:
         for lineno, raw in enumerate(f, 1):
             source = f"{name}:{lineno}"
             if raw.startswith(_BOM):  # any line: `cat a.jsonl b.jsonl` keeps b's BOM mid-file
@@ -252,6 +261,8 @@ def _records(path: Path, name: str) -> Iterator[tuple[str, Any]]:
 def _json_records(path: Path, name: str) -> Iterator[tuple[str, Any]]:
     try:
         text = path.read_bytes().decode("utf-8-sig")
+    except OSError as e:
+        raise _unreadable_file(name, e) from None
     except UnicodeDecodeError as e:
         raise DataError(f"invalid UTF-8 at byte offset {e.start} (re-save the file as UTF-8)",
                         source=name, rule="bad_utf8") from None
@@ -270,6 +281,12 @@ def _json_records(path: Path, name: str) -> Iterator[tuple[str, Any]]:
             yield f"{name}:#{i}", record
     else:
         yield f"{name}:#0", doc
+
+
+def _unreadable_file(name: str, e: OSError) -> DataError:
+    """The whole file is out of reach (no read permission, an I/O error): nothing to skip to."""
+    return DataError(f"cannot read the file: {e.strerror or e} (check that you may read it)", source=name,
+                     rule="unreadable_file")
 
 
 def _json_msg(e: json.JSONDecodeError) -> str:

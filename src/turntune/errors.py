@@ -35,3 +35,20 @@ class TemplateError(TurntuneError, ValueError):
     def __init__(self, message: str, *, rule: str = "template_refused") -> None:
         self.rule = rule
         super().__init__(message)
+
+
+def printable(text: str) -> str:
+    """``text`` (a path, or a message holding one) as every terminal can print it.
+
+    A Linux file name may hold bytes that are not UTF-8; Python carries them as lone surrogates
+    (``b"\\xff"`` -> ``"\\udcff"``), which a strict UTF-8 stdout refuses with a UnicodeEncodeError.
+    They are written back as the escape of the byte the user's file system holds:
+
+    >>> printable("data-\\udcff.jsonl")
+    'data-\\\\xff.jsonl'
+    """
+    try:
+        raw = text.encode("utf-8", "surrogateescape")  # the original bytes of a decoded file name
+    except UnicodeEncodeError:  # a surrogate that no byte decoded to (e.g. from a JSON \\u escape)
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")

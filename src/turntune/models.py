@@ -1,6 +1,7 @@
 """Models and tokenizers from local folders (Hugging Face layout). Nothing is fetched from a hub."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -23,13 +24,96 @@ def resolve_path(path: str) -> Path:
         return assets.tiny_glm4_example_dir()
     if path.startswith("builtin:"):
         raise ConfigError(f"model.path: unknown built-in {path!r}; built-ins: {', '.join(BUILTIN)}")
-    p = Path(path).expanduser()
+    p = _expand(path)
     if not p.is_dir():
         raise ConfigError(f"model.path: {p} is not a folder. Give a local model folder in Hugging Face layout "
                           "(config.json, *.safetensors, tokenizer files); nothing is downloaded at run time")
     if not (p / "config.json").is_file():
         raise ConfigError(f"model.path: {p} has no config.json; is it a Hugging Face model folder?")
     return p
+
+
+def _expand(path: str) -> Path:
+    """``~`` and ``~user`` expanded; a user the machine does not know is the setting's error."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:  # pathlib's "Could not determine home directory."
+        user = path[1:].split("/", 1)[0]
+        who = f"there is no user {user!r} whose home '~' could stand for" if user else "there is no home folder"
+        raise ConfigError(f"model.path: {path}: {who} (write the folder's full path)") from None
+
+
+# safetensors refuses headers above 100 MB; a length past that is damage, not a header to read.
+_MAX_SAFETENSORS_HEADER = 100_000_000
+
+
+def check_model_folder(path: str | Path) -> Path:
+    """Refuse a model folder that loading would trip over late, in a few reads and no tensors.
+
+    ``config.json`` (where the folder has one) must be a JSON object, and every ``*.safetensors``
+    file must be whole: an 8-byte little-endian header length, a JSON header, then exactly the
+    bytes its largest ``data_offsets`` end says. A copy cut short (a full disk, an interrupted
+    download) is then named before the data is encoded, not after. Checks what is there: a missing
+    folder or file is ``resolve_path``'s and the loaders' to report. Returns the folder.
+
+    >>> check_model_folder("~/models/glm-4-9b-chat")  # doctest: +SKIP
+    PosixPath('/home/me/models/glm-4-9b-chat')
+    """
+    if isinstance(path, str):  # a folder as given (a run's final/ adapter folder has no config.json)
+        p = resolve_path(path) if path.startswith("builtin:") else _expand(path)
+    else:
+        p = path
+    config = p / "config.json"
+    if config.is_file():
+        _check_config_json(config)
+    for weights in sorted(p.glob("*.safetensors")):
+        _check_safetensors(weights)
+    return p
+
+
+def _check_config_json(config: Path) -> None:
+    try:
+        value = json.loads(config.read_bytes())
+    except OSError as e:
+        raise ConfigError(f"model.path: cannot read {config}: {e.strerror or e}") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, nested too deeply
+        raise ConfigError(f"model.path: {config} is not valid JSON ({e}); is it a Hugging Face config.json?") from None
+    if not isinstance(value, dict):
+        kind = {list: "a list", str: "a string", bool: "a boolean", int: "a number", float: "a number",
+                type(None): "null"}[type(value)]
+        raise ConfigError(f"model.path: {config} holds {kind}, not an object (a Hugging Face config.json is one "
+                          "JSON object of settings)")
+
+
+def _check_safetensors(weights: Path) -> None:
+    again = "(copy the file again)"
+    try:
+        size = weights.stat().st_size
+        with weights.open("rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            header = f.read(n) if 0 <= n <= min(size - 8, _MAX_SAFETENSORS_HEADER) else b""
+    except OSError as e:
+        raise ConfigError(f"model.path: cannot read {weights}: {e.strerror or e}") from None
+    if n < 0:
+        raise ConfigError(f"model.path: {weights} is truncated: {size} bytes, not even the 8-byte header length {again}")
+    if n > _MAX_SAFETENSORS_HEADER:
+        raise ConfigError(f"model.path: {weights} is damaged: its header length ({n} bytes) is not one safetensors "
+                          f"writes {again}")
+    if 8 + n > size:
+        raise ConfigError(f"model.path: {weights} is truncated: {size} bytes, its header alone needs {8 + n} {again}")
+    try:
+        entries = json.loads(header.decode("utf-8"))
+        # every tensor's bytes lie at [begin, end) after the header; "__metadata__" holds strings
+        end = max((int(v["data_offsets"][1]) for k, v in entries.items() if k != "__metadata__"), default=0)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError):
+        raise ConfigError(f"model.path: {weights} is damaged: its header is not a safetensors JSON header "
+                          f"{again}") from None
+    expected = 8 + n + end
+    if size < expected:
+        raise ConfigError(f"model.path: {weights} is truncated: {size} bytes, its header says {expected} {again}")
+    if size > expected:
+        raise ConfigError(f"model.path: {weights} has {size} bytes, its header says {expected}: it is damaged {again}")
 
 
 def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False):
@@ -57,6 +141,7 @@ def load_model(path: str | Path, *, dtype: str = "float32", attn_implementation:
     if not any(p.glob("*.safetensors")):
         raise ConfigError(f"model.path: {p} has no *.safetensors weights; turntune does not load pickled "
                           "checkpoints (convert them with safetensors first)")
+    check_model_folder(p)  # eval, chat, merge: a damaged file is named, not a SafetensorError
     register_attention()  # turntune's "sdpa_varlen"
     try:
         model = AutoModelForCausalLM.from_pretrained(

@@ -35,7 +35,7 @@ from turntune.evaluate import EvalResult, evaluate, turn_kinds
 from turntune.loss import (LossModel, backward_loss, batch_loss, check_matches_model, model_parts,
                            per_token_losses, window_weight)
 from turntune import checkpoint as ckpt
-from turntune.models import add_lora, load_model, load_tokenizer, resolve_path
+from turntune.models import add_lora, check_model_folder, load_model, load_tokenizer, resolve_path
 
 
 @dataclass
@@ -267,6 +267,7 @@ def train(cfg: Config, *, resume: bool = False) -> TrainResult:
         if path and not Path(path).is_file():
             raise ConfigError(f"data.{name}: {path} is not a file (check the path)")
     model_dir = resolve_path(cfg.model.path)
+    check_model_folder(model_dir)  # before the data is encoded: weights cut short are named now, not after
     tokenizer = load_tokenizer(model_dir, trust_remote_code=cfg.model.trust_remote_code)
     chat_template = None
     if cfg.data.chat_template:
