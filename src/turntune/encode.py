@@ -182,6 +182,59 @@ def check_lost(report: EncodeReport, max_lost_share: float, loaded=None) -> None
             f"the records), {fix}")
 
 
+@dataclass
+class LossShares:
+    """Where a weighting puts the loss: for each reply index (1, 2, ..., ``buckets``+) and each kind
+    of reply, its share of the trained tokens and its share of the summed token weights, i.e. of
+    the loss of the whole data taken as one batch (a step's shares vary with what it holds).
+    Under ``token`` the two shares are equal; ``turn`` gives each reply the same share, ``sample``
+    each conversation."""
+
+    weighting: str
+    per_turn: dict[str, tuple[float, float, int]] = field(default_factory=dict)  # token share, loss share, replies
+    per_kind: dict[str, tuple[float, float, int]] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        lines = [f"weighting {self.weighting}: share of the trained tokens -> share of the loss"]
+        rows = [(f"reply {k}", v) for k, v in self.per_turn.items()] + list(self.per_kind.items())
+        for label, (tok, loss, n) in rows:
+            lines.append(f"  {label:<12}{tok:>7.1%} -> {loss:>6.1%}   {n} {'reply' if n == 1 else 'replies'}")
+        return "\n".join(lines)
+
+
+def loss_shares(examples: Iterable[Example], weighting: str, kinds: dict[tuple[str, int], str] | None = None,
+                buckets: int = 16) -> LossShares:
+    """The :class:`LossShares` of encoded ``examples``, from the weights they carry (``weighting``:
+    the policy they were encoded with, named in the summary); ``kinds`` maps (source, reply index)
+    to a kind of reply (``evaluate.turn_kinds``). Tokens trained outside any reply (``full``'s
+    user turns) are the row ``other``."""
+    tokens: Counter = Counter()
+    weight: Counter = Counter()
+    replies: dict[str, set] = {}
+    kind_tokens: Counter = Counter()
+    kind_weight: Counter = Counter()
+    kind_replies: dict[str, set] = {}
+    for ex in examples:
+        for t, lab, w in zip(ex.turn, ex.labels, ex.weight):
+            if lab == IGNORE_INDEX:
+                continue
+            key = "other" if t < 0 else (f"{buckets}+" if t >= buckets - 1 else str(t + 1))
+            tokens[key] += 1
+            weight[key] += w
+            replies.setdefault(key, set()).add((ex.source, t))
+            if kinds is not None and t >= 0:
+                kind = kinds.get((ex.source, t), "answer")
+                kind_tokens[kind] += 1
+                kind_weight[kind] += w
+                kind_replies.setdefault(kind, set()).add((ex.source, t))
+    n, total = sum(tokens.values()) or 1, sum(weight.values()) or 1.0
+    order = sorted(tokens, key=lambda k: (k == "other", int(k.rstrip("+")) if k != "other" else 0))
+    return LossShares(
+        weighting,
+        {k: (tokens[k] / n, weight[k] / total, len(replies[k])) for k in order},
+        {k: (kind_tokens[k] / n, kind_weight[k] / total, len(kind_replies[k])) for k in sorted(kind_tokens)})
+
+
 # -- public entry points ------------------------------------------------------------------------
 @dataclass(frozen=True)
 class EncodeOptions:
@@ -202,9 +255,10 @@ class EncodeOptions:
 
 def encode(
     messages: Conversation | list[dict],
-    tokenizer=None,
+    tokenizer,
     *,
     template: str | Template = "auto",
+    chat_template: str | None = None,
     strategy: Strategy = "all",
     weighting: Weighting = "token",
     max_length: int | None = None,
@@ -212,16 +266,22 @@ def encode(
     history_fraction: float = 0.3,
     report: EncodeReport | None = None,
 ) -> list[Example]:
-    """Encode one conversation into training examples.
+    """Encode one conversation into training examples with ``tokenizer`` (the model's Hugging Face
+    tokenizer) and ``template`` (``auto``: native GLM-4 for GLM-4 tokenizers, else the tokenizer's
+    chat template, or ``chat_template``: the text of a Jinja template to use instead).
 
-    >>> exs = encode([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}], tok)
-    >>> exs[0].labels   # -100 on the prompt, the reply's ids (and its terminator) after it
+    >>> [ex] = encode([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}], tok)  # doctest: +SKIP
+    >>> tok.decode([t for t, lab in zip(ex.input_ids, ex.labels) if lab != -100])  # doctest: +SKIP
+    '\\nHello!<|user|>'
     """
+    if tokenizer is None:
+        raise ConfigError("encode: tokenizer is None; pass the model's tokenizer "
+                          "(turntune.load_tokenizer(folder), or transformers.AutoTokenizer.from_pretrained)")
     if not isinstance(messages, Conversation):
         from turntune.data import parse_record
 
         messages = parse_record({"messages": messages}, source="<messages>")
-    tmpl = resolve_template(tokenizer, template)
+    tmpl = resolve_template(tokenizer, template, chat_template)
     opts = EncodeOptions(strategy, weighting, max_length, cut_long_replies, history_fraction)
     return encode_conversations([messages], tmpl, opts, report=report)
 
