@@ -322,8 +322,9 @@ class HFTemplate:
         for k, a in enumerate(asst):
             prompt = self._try(msgs[:a], tools, True, source)
             start, end = (len(prompt) if prompt is not None and text.startswith(prompt) else None), exact[a + 1]
-            if start is None and all(m[0] == "system" for m in msgs[:a]):  # a greeting: see _greeting_start
-                start = self._greeting_start(msgs[:a], tools, text, label[a], source)
+            at = exact[a] if a else label[0]  # where the reply's message starts, when known exactly
+            if start is None and at is not None and all(m[0] == "system" for m in msgs[:a]):  # a greeting
+                start = self._greeting_start(msgs[:a], tools, text, at, source)
             if start is None or end is None or start > end:
                 spans.append(None)
                 why = "the renderings up to it (with the generation prompt) and ending with it are not both " \
