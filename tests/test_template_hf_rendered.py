@@ -272,15 +272,22 @@ def test_a_template_that_changes_words_and_drops_content_is_refused_on_the_real_
 GREETING = A("Hello! How can I help?")
 
 
-@pytest.mark.parametrize("template", ["own", "chatml-tools"])
+# Qwen2.5's and Llama 3.1's way: read messages[0] to decide on a default system prompt, so no
+# messages at all cannot be rendered (nor a generation prompt for an empty history).
+FIRST_READ = ("{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nDefault.<|im_end|>\\n' }}{% endif %}"
+              + HEAD + "{{ m.content + '<|im_end|>\\n' }}{% endfor %}" + GEN)
+TEMPLATES = {"own": None, "chatml-tools": CHATML_TOOLS, "first-read": FIRST_READ}
+
+
+@pytest.mark.parametrize("template", list(TEMPLATES))
 @pytest.mark.parametrize("system", [False, True])
 @pytest.mark.parametrize("strategy", ["all", "expand"])
 def test_a_greeting_before_the_first_user_message_is_a_trained_reply(smollm2_tokenizer, template, system, strategy):
     tok = smollm2_tokenizer
-    t = HFTemplate(tok, chat_template=CHATML_TOOLS if template == "chatml-tools" else None)
+    t = HFTemplate(tok, chat_template=TEMPLATES[template])
     c = chat(*([Message("system", "Be brief.")] if system else []), GREETING, U("Hi"), A("Sure."))
     r = t.render(c)
-    assert text_of(tok, r.input_ids) == hf_text(tok, c, t_source(tok, template)) and r.prefix_stable
+    assert text_of(tok, r.input_ids) == hf_text(tok, c, TEMPLATES[template] or tok.chat_template) and r.prefix_stable
     assert trained(tok, r) == ["Hello! How can I help?<|im_end|>", "Sure.<|im_end|>"]
     exs = encode_conversations([c], t, EncodeOptions(strategy))
     ids = [[x for x, lab in zip(e.input_ids, e.labels) if lab != IGNORE_INDEX] for e in exs]
@@ -290,10 +297,6 @@ def test_a_greeting_before_the_first_user_message_is_a_trained_reply(smollm2_tok
     assert ids == ([greeting + reply] if strategy == "all" else [greeting, reply])
     # the greeting alone, too
     assert trained(tok, t.render(chat(*c.messages[: 1 + system]))) == ["Hello! How can I help?<|im_end|>"]
-
-
-def t_source(tok, template: str) -> str:
-    return CHATML_TOOLS if template == "chatml-tools" else tok.chat_template
 
 
 def test_a_greeting_no_exact_span_can_be_found_for_is_refused_with_a_rule(tok):

@@ -417,13 +417,16 @@ class HFTemplate:
 
         Its generation prompt (the system prompt, or nothing, then the prompt) need not be a prefix
         of the rendering: SmolLM2's template writes its default system prompt only when there are
-        messages. The reply then starts after what the prompt adds to that history, written where
-        the reply's message starts (``at``): what the model is shown before any reply it writes."""
-        bare, prompt = self._try(before, tools, False, source), self._try(before, tools, True, source)
-        if bare is None or prompt is None or not prompt.startswith(bare) or len(prompt) == len(bare):
-            return None
-        header = prompt[len(bare):]
-        return at + len(header) if text.startswith(header, at) else None
+        messages, and Llama 3.1's and Qwen2.5's cannot render no messages at all. The reply then
+        starts after what the generation prompt adds to a history (that one, else one with a user
+        message), written where the reply's message starts (``at``): what the model is shown
+        before any reply it writes."""
+        for history in (before, before + (_plain("user", "x"),)):
+            bare, prompt = self._try(history, tools, False, source), self._try(history, tools, True, source)
+            if bare is not None and prompt is not None and prompt.startswith(bare) and len(prompt) > len(bare):
+                header = prompt[len(bare):]
+                return at + len(header) if text.startswith(header, at) else None
+        return None
 
     def _next_role_token(self, msgs: tuple, tools: tuple[str, list | None], text: str, source: str) -> int | None:
         """The added token a following message starts with (a tool result after a tool call)."""
