@@ -12,6 +12,14 @@ and the encoder renders its prefixes on their own. Each real conversation is ren
 equal its shape's rendering with the words put back (as they are, stripped, or JSON-escaped); if
 the template does more to words than that, the real text gets the same analysis (slower).
 
+Templates get what :meth:`Conversation.to_hf` gives: ``reasoning_content``, call ids, and call
+arguments as a mapping (whose keys and string values are words; see :func:`_key`). A message that
+opens the conversation (a greeting) is a reply like any other: see :meth:`HFTemplate._greeting_start`.
+Nothing dropped (``templates/dropped.py``): each reply's words, reasoning and tool calls must be in
+its span, other messages' words in the rendering, else the conversation is refused
+(``not_rendered``); checked once per shape on the sentinels, or on the real text when the template
+does more to words than the shape follows.
+
 Tokens: each rendering is tokenized whole, as at inference; added tokens the template writes are
 single ids and show where each piece's tokens start, special-token text in words stays plain text.
 Pieces end at every reply start, terminator end and exact message start, and no token may straddle
