@@ -415,9 +415,10 @@ GLM_CONVS = [
     conv(("system", "Sys"), ("user", "Weather?"), ("assistant", "Let me look.", ("get_weather", ARGS)),
          ("tool", "18 C"), ("assistant", "18 C."), ("user", "Thanks"), ("assistant", "", ("get_weather", ARGS)),
          tools=[WEATHER]),
-    # arguments ending in a number: the call still ends with data, the next role token is its terminator
+    # arguments ending in a number: the call still ends with data, the next role token is its terminator;
+    # special-token text in a key and escaped quotes in a value stay plain text
     conv(("user", "Weather?"), ("assistant", "", ("get_weather", '{"city": "Paris", "days": 3}')), ("tool", "18 C"),
-         ("assistant", "", ("get_weather", '{"days": [1, 2], "city": "Rome"}')), tools=[WEATHER]),
+         ("assistant", "", ("get_weather", '{"<|observation|>": "a \\"b\\"", "days": [1, 2]}')), tools=[WEATHER]),
 ]
 
 
