@@ -128,7 +128,18 @@ def test_templates_get_what_to_hf_gives():
     c = chat(Message("system", "S"), U("Q"), A("A", reasoning="R", tool_calls=CALL),
              Message("tool", "18 C", name="get_weather", tool_call_id="call_1"), A("B", weight=0))
     assert _messages(_key(c, lambda text: text)) == c.to_hf()
+    assert [list(m) for m in _messages(_key(c, lambda text: text))] == [list(m) for m in c.to_hf()]  # key order too
     assert c.to_hf()[2]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris", "days": 3}
+
+
+def test_call_ids_reach_the_template(tok):
+    ids = HEAD + ("{{ m.content }}{% for tc in m.tool_calls or [] %}{{ '<tool_call>' + tc.id + ' ' + tc.function.name + ' ' }}"
+                  "{{ tc.function.arguments | tojson }}{{ '</tool_call>' }}{% endfor %}"
+                  "{% if m.tool_call_id %}{{ ' (answers ' + m.tool_call_id + ')' }}{% endif %}{{ '<|im_end|>\\n' }}{% endfor %}") + GEN
+    r = HFTemplate(tok, chat_template=ids).render(TOOL_CHAT)
+    assert text_of(tok, r.input_ids) == hf_text(tok, TOOL_CHAT, ids)
+    assert "<tool_response>" not in ids and "<|im_start|>tool\n18 C (answers call_1)<|im_end|>" in text_of(tok, r.input_ids)
+    assert trained(tok, r)[0] == '<tool_call>call_1 get_weather {"city": "Paris", "days": 3}</tool_call><|im_end|>'
 
 
 # -- reasoning ---------------------------------------------------------------------------------
