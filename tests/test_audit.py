@@ -40,8 +40,8 @@ def cli_report(tmp_path_factory, smollm2_path):
 
 def test_audit_figures_match_the_encoded_examples(cli_report, smollm2_tokenizer):
     code, table, rep = cli_report
-    assert code == 0
-    convs = load_conversations(EVAL).conversations
+    assert code == 1  # SmolLM2's own template drops tool calls: those conversations are refused
+    convs = [c for c in load_conversations(EVAL).conversations if not any(m.tool_calls for m in c.messages)]
     tmpl = resolve_template(smollm2_tokenizer)
     exs = {s: encode_conversations(convs, tmpl, EncodeOptions(s, max_length=2048)) for s in ("expand", "all", "last")}
     trained = sum(1 for e in exs["all"] for lab in e.labels if lab != IGNORE_INDEX)
@@ -54,7 +54,7 @@ def test_audit_figures_match_the_encoded_examples(cli_report, smollm2_tokenizer)
         assert rep["cost_ratio_vs_all"][s] == pytest.approx(sum(map(len, es)) / sum(map(len, exs["all"])))
     rendered = [tmpl.render(c) for c in convs]
     assert sum(rep["tokens_by_role"].values()) == sum(len(r.input_ids) for r in rendered)
-    assert rep["tokens_by_role"]["tool"] == sum(
+    assert rep["tokens_by_role"].get("tool", 0) == sum(
         1 for c, r in zip(convs, rendered) for m in r.message if m >= 0 and c.messages[m].role == "tool")
     by_turn = {}
     for e in exs["all"]:
@@ -63,7 +63,7 @@ def test_audit_figures_match_the_encoded_examples(cli_report, smollm2_tokenizer)
                 by_turn[str(t + 1)] = by_turn.get(str(t + 1), 0) + 1
     assert rep["trained_by_turn"] == by_turn
     # data counts
-    assert rep["conversations"] == len(convs) == 40
+    assert rep["conversations"] == len(convs) == 36
     assert rep["replies"] == sum(len(c.assistant_indices) for c in convs) == rep["replies_trained"]
     assert rep["rounds"] == sum(1 for c in convs for m in c.messages if m.role == "user")
     # every reply ends with its trained <|im_end|>
@@ -85,11 +85,11 @@ def test_audit_finds_what_smollm2s_template_adds_and_drops(cli_report):
     assert rep["added_text"] == [{
         "where": "outside messages", "conversations": no_system,
         "text": "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"}]
-    # SmolLM2's template writes neither tool calls nor tool declarations: the audit says so
-    assert rep["not_rendered"] == {
-        "tool calls (replies)": sum(1 for c in convs for m in c.messages if m.tool_calls),
-        "tool declarations (conversations)": sum(1 for c in convs if c.tools)}
-    assert "WARNING: not rendered as given: tool calls (replies): 4" in table
+    # SmolLM2's template writes no tool calls: every conversation with one is refused, and said so
+    calls = sum(1 for c in convs if any(m.tool_calls for m in c.messages))
+    assert calls == 4 and rep["encode"]["skipped"] == {"not_rendered": calls}
+    assert "REFUSED 4 conversations (not_rendered): " in table
+    assert "does not render this assistant message's tool call" in table
 
 
 # -- the report on hand-computable cases (one token per character) ----------------------------------
@@ -182,8 +182,13 @@ def test_a_template_that_drops_tool_calls_is_reported(toy):
     c = conv(("user", "Time?"), ("assistant", call), ("tool", "12:00"), ("assistant", "Noon."),
              tools=({"type": "function", "function": {"name": "get_time"}},))
     rep = audit([c], tok, resolve_template(tok, "hf"))
-    assert rep.not_rendered == {"tool calls (replies)": 1, "tool declarations (conversations)": 1}
-    assert rep.tool_call_replies == 1
+    assert rep.encode["skipped"] == {"not_rendered": 1} and not rep.ok  # refused, never trained as empty
+    assert "tool call get_time" in rep.encode["skip_examples"]["not_rendered"][0]
+    # a template that renders the calls but not the declarations: rendered, and the audit says so
+    tok = toy_tokenizer(TOY_TEMPLATE.replace("{{ m.content }}", "{{ m.content }}{% for c in m.tool_calls or [] %}"
+                                             "{{ c.function.name }}{{ c.function.arguments | tojson }}{% endfor %}"))
+    rep = audit([c], tok, resolve_template(tok, "hf"))
+    assert rep.not_rendered == {"tool declarations (conversations)": 1} and rep.tool_call_replies == 1
 
 
 # Mistral-like: the system prompt goes into the first user turn; earlier reasoning is stripped.
@@ -196,8 +201,11 @@ FOLDING_TEMPLATE = (
 
 def test_content_moved_or_rewritten_by_the_template_is_reported():
     tok = toy_tokenizer(FOLDING_TEMPLATE)
+    c = conv(("user", "Hi"), ("assistant", "Hello!"), ("user", "Bye"), ("assistant", "Ciao."))
+    rep = audit([c], tok, resolve_template(tok, "hf"))
+    assert rep.moved == {"system content (messages)": 1} and rep.not_rendered == {}
+    assert rep.added_text == [] and rep.trained_tokens > 0
+    # content the template rewrites (it cuts everything up to '</think>'): refused, not trained as cut
     c = conv(("user", "Hi"), ("assistant", "<think>hm</think>Hello!"), ("user", "Bye"), ("assistant", "Ciao."))
     rep = audit([c], tok, resolve_template(tok, "hf"))
-    assert rep.moved == {"system content (messages)": 1}
-    assert rep.not_rendered == {"assistant content (messages)": 1}  # the reasoning is gone
-    assert rep.added_text == [] and rep.trained_tokens > 0
+    assert rep.encode["skipped"] == {"not_rendered": 1} and rep.trained_tokens == 0

@@ -11,6 +11,8 @@ there; nothing else differs.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -22,6 +24,7 @@ from turntune.encode import EncodeOptions, encode_conversations, resolve_templat
 from turntune.loss import batch_loss
 from turntune.models import load_tokenizer
 
+ROOT = Path(__file__).resolve().parents[1]
 CONVS = [
     Conversation((Message("system", "You are terse."), Message("user", "What is 2+2?"), Message("assistant", "4."),
                   Message("user", "And 3+3?"), Message("assistant", "6, of course."),
@@ -47,8 +50,11 @@ def setup(request, tiny_glm_path, tiny_llama_path):
     tok = load_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64, attn_implementation="eager")
     model.train(False)
-    template = resolve_template(tok, "auto")
-    assert template.name == ("glm4" if request.param == "glm" else template.name)
+    # SmolLM2's own template drops tool calls (a tool-call reply is refused, not_rendered): the
+    # shipped ChatML template with tool calls renders them, so the call is trained and compared too
+    tools = None if request.param == "glm" else (ROOT / "examples" / "templates" / "chatml-tools.jinja").read_text()
+    template = resolve_template(tok, "auto", chat_template=tools)
+    assert template.name == ("glm4" if request.param == "glm" else "hf")
     return model, tok, template
 
 

@@ -23,7 +23,9 @@ def convs():
 
 
 def encoded(tokenizer, convs, strategy: str, n: int):
-    return encode_conversations(convs[:n], resolve_template(tokenizer), EncodeOptions(strategy, max_length=2048))
+    # SmolLM2's own template drops tool calls: those conversations are refused (skipped here)
+    return encode_conversations(convs[:n], resolve_template(tokenizer), EncodeOptions(strategy, max_length=2048),
+                                on_invalid="skip")
 
 
 def trained_runs(tokenizer, ex) -> list[str]:
@@ -85,10 +87,13 @@ class TokenSpans(HTMLParser):
 def test_html_holds_one_element_per_token(tmp_path, capsys, smollm2_path, smollm2_tokenizer, convs):
     page = tmp_path / "view.html"
     assert main(["inspect", EVAL, "--model", str(smollm2_path), "-n", "6", "--strategy", "expand",
-                 "--html", str(page)]) == 0
+                 "--html", str(page), "--on-invalid", "skip"]) == 0
     exs = encoded(smollm2_tokenizer, convs, "expand", 6)
-    assert capsys.readouterr().out.endswith(f"wrote {page}: {len(exs)} examples, {sum(map(len, exs))} tokens\n")
-    assert len(exs) == sum(len(c.assistant_indices) for c in convs[:6])  # one sample per reply
+    out = capsys.readouterr().out
+    assert out.endswith(f"wrote {page}: {len(exs)} examples, {sum(map(len, exs))} tokens\n")
+    kept = [c for c in convs[:6] if not any(m.tool_calls for m in c.messages)]
+    assert out.startswith(f"{6 - len(kept)} of 6 conversations skipped (not_rendered; not shown)")
+    assert len(exs) == sum(len(c.assistant_indices) for c in kept)  # one sample per reply
     text = page.read_text(encoding="utf-8")
     parser = TokenSpans()
     parser.feed(text)

@@ -78,7 +78,7 @@ LLAMA3 = r"""
     {%- if message.role == 'assistant' and message.tool_calls %}
         {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}
         {%- for tc in message.tool_calls %}
-            {{- '{"name": "' + tc.function.name + '", "parameters": ' + tc.function.arguments + '}' }}
+            {{- '{"name": "' + tc.function.name + '", "parameters": ' }}{{- tc.function.arguments | tojson }}{{- '}' }}
         {%- endfor %}
         {{- '<|eot_id|>' }}
     {%- elif message.role == 'tool' %}
@@ -113,7 +113,7 @@ MISTRAL = r"""
     {%- elif message.role == 'assistant' and message.tool_calls %}
         {{- '[TOOL_CALLS] [' }}
         {%- for tc in message.tool_calls %}
-            {{- '{"name": "' + tc.function.name + '", "arguments": ' + tc.function.arguments + '}' }}
+            {{- '{"name": "' + tc.function.name + '", "arguments": ' + (tc.function.arguments | tojson) + '}' }}
             {%- if not loop.last %}{{- ', ' }}{%- endif %}
         {%- endfor %}
         {{- ']' + eos_token }}
@@ -148,7 +148,8 @@ QWEN3 = r"""
             {{- '<|im_start|>' + message.role + '\n' + content }}
         {%- endif %}
         {%- for tool_call in message.tool_calls or [] %}
-            {{- '\n<tool_call>\n{"name": "' + tool_call.function.name + '", "arguments": ' + tool_call.function.arguments + '}\n</tool_call>' }}
+            {%- set args = tool_call.function.arguments %}
+            {{- '\n<tool_call>\n{"name": "' + tool_call.function.name + '", "arguments": ' + (args if args is string else args | tojson) + '}\n</tool_call>' }}
         {%- endfor %}
         {{- '<|im_end|>\n' }}
     {%- elif message.role == "tool" %}
@@ -319,7 +320,7 @@ def test_chatml_generation_prompt_and_stop_ids(chatml):
 def test_qwen25_tool_call_trained_tool_result_not(qwen25):
     t = HFTemplate(qwen25)
     r = t.render(TOOLS)
-    call = '<tool_call>\n{"name": "get_weather", "arguments": "{\\"city\\": \\"Paris\\"}"}\n</tool_call>'
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'  # an object, not a string
     expected = ("<|im_start|>system\nYou are Qwen.\n\n# Tools\n\n<tools>\n" + json.dumps(WEATHER) + "\n</tools><|im_end|>\n"
                 "<|im_start|>user\nWeather in Paris?<|im_end|>\n<|im_start|>assistant\n" + call + "<|im_end|>\n"
                 "<|im_start|>user\n<tool_response>\n18 C\n</tool_response><|im_end|>\n"
@@ -414,6 +415,10 @@ GLM_CONVS = [
     conv(("system", "Sys"), ("user", "Weather?"), ("assistant", "Let me look.", ("get_weather", ARGS)),
          ("tool", "18 C"), ("assistant", "18 C."), ("user", "Thanks"), ("assistant", "", ("get_weather", ARGS)),
          tools=[WEATHER]),
+    # arguments ending in a number: the call still ends with data, the next role token is its terminator;
+    # special-token text in a key and escaped quotes in a value stay plain text
+    conv(("user", "Weather?"), ("assistant", "", ("get_weather", '{"city": "Paris", "days": 3}')), ("tool", "18 C"),
+         ("assistant", "", ("get_weather", '{"<|observation|>": "a \\"b\\"", "days": [1, 2]}')), tools=[WEATHER]),
 ]
 
 
@@ -609,8 +614,8 @@ def test_labels_and_weights_by_runs_equal_the_per_token_rule():
 def test_encoding_makes_no_garbage_cycles_and_leaves_the_collector_as_it_was(chatml, qwen25):
     import gc
 
-    convs = [BASIC, TOOLS, conv(("user", "x"), ("assistant", "y"))] * 3
-    for tok in (chatml, qwen25):
+    for tok, convs in ((chatml, [BASIC, conv(("user", "x"), ("assistant", "y"))] * 3),  # (SmolLM2's drops tool calls)
+                       (qwen25, [BASIC, TOOLS, conv(("user", "x"), ("assistant", "y"))] * 3)):
         gc.collect()
         gc.disable()
         try:

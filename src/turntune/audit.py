@@ -142,7 +142,7 @@ def audit(conversations: Sequence[Conversation], tokenizer, template: Template,
 
     examples = encode_conversations(convs, template, options, report=er, on_invalid="skip")
     _count_examples(rep, examples, {c.source: c for c in convs}, control, set(template.stop_ids()), tokenizer)
-    rep.encode = {k: v for k, v in vars(er).items() if not isinstance(v, list)}
+    rep.encode = {k: dict(v) if isinstance(v, dict) else v for k, v in vars(er).items() if not isinstance(v, list)}
     unstable = [c.source for c, r in zip(convs, rendered) if not r.prefix_stable]
     rep.not_prefix_stable = len(unstable)
     rep.not_prefix_stable_sources = unstable[:MAX_LISTED]

@@ -71,6 +71,9 @@ def run_inspect(a) -> int:
     convs = convs[: a.n]
     rep = EncodeReport()
     examples = encode_conversations(convs, r.template, r.options, report=rep, on_invalid=r.config.data.on_invalid)
+    for rule, n in sorted(rep.skipped.items()):  # refused by the template (on_invalid=skip): said first
+        print(f"{n} of {len(convs)} conversations skipped ({rule}; not shown): "
+              + "; ".join(rep.skip_examples.get(rule, [])))
     views = build_views(convs, examples, r.tokenizer, control_ids(r.tokenizer))
     title = f"turntune inspect {Path(data).name}: {r.describe()}"
     if a.html:
@@ -81,9 +84,6 @@ def run_inspect(a) -> int:
     else:
         print(title + "\n")
         print(render_terminal(views, use_color(a.color, sys.stdout)))
-    for rule, n in sorted(rep.skipped.items()):
-        print(f"{n} of {len(convs)} conversations skipped ({rule}; not shown): "
-              + "; ".join(rep.skip_examples.get(rule, [])))
     if rep.conversations_without_labels:
         print(f"{rep.conversations_without_labels} of {len(convs)} conversations have nothing to train "
               "(not shown)")

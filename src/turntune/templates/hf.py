@@ -12,6 +12,14 @@ and the encoder renders its prefixes on their own. Each real conversation is ren
 equal its shape's rendering with the words put back (as they are, stripped, or JSON-escaped); if
 the template does more to words than that, the real text gets the same analysis (slower).
 
+Templates get what :meth:`Conversation.to_hf` gives: ``reasoning_content``, call ids, and call
+arguments as a mapping (whose keys and string values are words; see :func:`_key`). A message that
+opens the conversation (a greeting) is a reply like any other: see :meth:`HFTemplate._greeting_start`.
+Nothing dropped (``templates/dropped.py``): each reply's words, reasoning and tool calls must be in
+its span, other messages' words in the rendering, else the conversation is refused
+(``not_rendered``); checked once per shape on the sentinels, or on the real text when the template
+does more to words than the shape follows.
+
 Tokens: each rendering is tokenized whole, as at inference; added tokens the template writes are
 single ids and show where each piece's tokens start, special-token text in words stays plain text.
 Pieces end at every reply start, terminator end and exact message start, and no token may straddle
@@ -34,10 +42,12 @@ import jinja2
 from turntune.conversation import Conversation, Message, ToolCall
 from turntune.errors import TemplateError
 from turntune.templates.base import Rendered
+from turntune.templates.dropped import describe, find_dropped
 from turntune.templates.sandbox import compile_template, reads_variable
 
 _OPEN, _CLOSE = "\ue000", "\ue001"  # private-use characters: no template tests for or strips them
 _SLOT = re.compile(f"{_OPEN}(\\d+){_CLOSE}")
+_DECODER = json.JSONDecoder()
 _SERIAL_TEXTS, _SERIAL_CHARS = 64, 8192  # up to this much, tokenize on this thread (see _tokenize)
 
 
@@ -103,6 +113,7 @@ class HFTemplate:
         self._special_text = union([t.content for t in added.values() if t.special])
         self._plans: dict[tuple, _Plan] = {}
         self._renders: dict[tuple, str | None] = {}
+        self._dropped: dict[tuple, tuple[int, list[str]] | None] = {}  # per shape: see _dropped_in_shape
         self._cache_size = cache_size
 
     # -- public -----------------------------------------------------------------------------
@@ -200,9 +211,28 @@ class HFTemplate:
             if special:
                 raise error or TemplateError(f"{conv.source}: the chat template changes message text in a way "
                                              "turntune cannot follow, and the text holds special-token strings "
-                                             "whose place then cannot be told exactly")
-            plan, cum = self._build(_key(conv, str), tools, gen, conv.source, with_words=False), [0]
+                                             "whose place then cannot be told exactly", rule="span_not_found")
+            real = _key(conv, str)
+            plan, cum = self._build(real, tools, gen, conv.source, with_words=False), [0]
+            lost = None if gen else find_dropped(real, text, _spans(plan), _text_finder())
+        else:
+            lost = None if gen else self._dropped_in_shape(key, tools[0], plan)
+        if lost is not None:  # generation prompts (chat, eval) take the history as the template writes it
+            j, what = lost
+            m = conv.messages[j]
+            raise TemplateError(describe(conv.source, j, m.role, what, [c.name for c in m.tool_calls]),
+                                rule="not_rendered")
         return plan, text, [p + cum[b] for p, b in zip(plan.points, plan.slots_before)], special
+
+    def _dropped_in_shape(self, key: tuple, tools: str, plan: _Plan) -> tuple[int, list[str]] | None:
+        """:func:`find_dropped` on the shape's rendering, by sentinel: once per shape. The real
+        text is the shape's with the words put back, so what the shape holds where, it holds."""
+        memo = (key, tools)
+        if memo not in self._dropped:
+            if len(self._dropped) >= self._cache_size:
+                self._dropped.clear()
+            self._dropped[memo] = find_dropped(key, _plan_text(plan), _spans(plan), _sentinels_found)
+        return self._dropped[memo]
 
     def _encode(self, laid: list[tuple[_Plan, str, list[int], bool]]) -> list[Rendered]:
         """Tokenize every rendering and label the tokens, in one tokenizer call (two if needed).
@@ -237,7 +267,8 @@ class HFTemplate:
                 at.append(cur)
                 cur += 1
         except ValueError:
-            raise TemplateError("tokenizing a rendering did not give the added tokens its template wrote") from None
+            raise TemplateError("tokenizing a rendering did not give the added tokens its template wrote",
+                                rule="span_not_found") from None
         at.append(-1)  # anchor -1: no added token before, the piece starts at 0
         bounds = [at[a] + o for a, o in zip(plan.anchor, plan.offset)] + [len(ids)]
         if any(ids[bounds[i]:bounds[i] + len(known)] != known for i, known in plan.known):
@@ -299,6 +330,9 @@ class HFTemplate:
         for k, a in enumerate(asst):
             prompt = self._try(msgs[:a], tools, True, source)
             start, end = (len(prompt) if prompt is not None and text.startswith(prompt) else None), exact[a + 1]
+            at = exact[a] if a else label[0]  # where the reply's message starts, when known exactly
+            if start is None and at is not None and all(m[0] == "system" for m in msgs[:a]):  # a greeting
+                start = self._greeting_start(msgs[:a], tools, text, at, source)
             if start is None or end is None or start > end:
                 spans.append(None)
                 why = "the renderings up to it (with the generation prompt) and ending with it are not both " \
@@ -311,6 +345,7 @@ class HFTemplate:
             stop = start + len(text[start:end].rstrip())
             if with_words:  # closed: the template writes something after the reply's last word
                 lastword = max((e for s, e in slots if start <= s and e <= end), default=start)
+                lastword = max(lastword, _arguments_end(text, start, end, msgs[a][2]))  # '"}' is data
                 closed = bool(text[lastword:end].strip())
             else:  # words unknown: closed if the reply ends with an added token
                 closed = any(s >= start and e == stop for s, (e, _) in added.items())
@@ -325,18 +360,18 @@ class HFTemplate:
                 spans.append(None)
                 why = "the template writes no end-of-turn token and no added token follows it"
         if spans and spans[-1] is None and not gen:
-            raise TemplateError(f"{source}: cannot find the exact span of the final reply: {why}")
+            raise TemplateError(f"{source}: cannot find the exact span of the final reply: {why}", rule="span_not_found")
         cuts = {0, len(text)} | {p for s, (e, _) in added.items() for p in (s, e)}
         points = sorted(cuts | {p for p in exact if p is not None} | {p for sp in spans if sp for p in sp})
         slot_start, slot_stop = [a for a, _ in slots], [b for _, b in slots]
         before = [bisect.bisect_right(slot_stop, p) for p in points]  # sentinels ending at or before each point
         if any(i < len(slots) and slot_start[i] < p for p, i in zip(points, before)):
-            raise TemplateError(f"{source}: a reply or message boundary falls inside a word")
+            raise TemplateError(f"{source}: a reply or message boundary falls inside a word", rule="span_not_found")
         exact_spans = [(sp[0], sp[1], k) for k, sp in enumerate(spans) if sp]
         token, runs, last = [], [], [-1] * len(spans)  # runs: [first piece, end piece, turn, message]
         for i, (s, e) in enumerate(zip(points, points[1:])):
             if s in added and added[s][0] != e:
-                raise TemplateError(f"{source}: a reply or message boundary falls inside a token")
+                raise TemplateError(f"{source}: a reply or message boundary falls inside a token", rule="span_not_found")
             sp = exact_spans[bisect.bisect_right(exact_spans, (s, math.inf)) - 1] if exact_spans else (0, -1, -1)
             turn = sp[2] if sp[0] <= s and e <= sp[1] else -1
             msg = asst[turn] if turn >= 0 else bisect.bisect_right(label, s, 0, n) - 1
@@ -385,9 +420,25 @@ class HFTemplate:
         bare = self._try((), ("", None), False, source)
         return len(bare) if bare is not None and text.startswith(bare) else 0
 
+    def _greeting_start(self, before: tuple, tools: tuple[str, list | None], text: str, at: int, source: str) -> int | None:
+        """Where a reply with no user message before it (an opening greeting) starts, or None.
+
+        Its generation prompt (the system prompt, or nothing, then the prompt) need not be a prefix
+        of the rendering: SmolLM2's template writes its default system prompt only when there are
+        messages, and Llama 3.1's and Qwen2.5's cannot render no messages at all. The reply then
+        starts after what the generation prompt adds to a history (that one, else one with a user
+        message), written where the reply's message starts (``at``): what the model is shown
+        before any reply it writes."""
+        for history in (before, before + (_plain("user", "x"),)):
+            bare, prompt = self._try(history, tools, False, source), self._try(history, tools, True, source)
+            if bare is not None and prompt is not None and prompt.startswith(bare) and len(prompt) > len(bare):
+                header = prompt[len(bare):]
+                return at + len(header) if text.startswith(header, at) else None
+        return None
+
     def _next_role_token(self, msgs: tuple, tools: tuple[str, list | None], text: str, source: str) -> int | None:
         """The added token a following message starts with (a tool result after a tool call)."""
-        longer = self._try(msgs + (("tool" if msgs[-1][2] else "user", "x", (), None),), tools, False, source)
+        longer = self._try(msgs + (_plain("tool" if msgs[-1][2] else "user", "x"),), tools, False, source)
         if longer is None or not longer.startswith(text) or len(longer) == len(text):
             return None
         added = self._glue_tokens(longer[len(text):], [])
@@ -395,16 +446,58 @@ class HFTemplate:
 
 
 def _key(conv: Conversation, hide) -> tuple:
-    """The messages as a hashable tuple, ``hide`` applied to the words (content, call arguments)."""
-    return tuple((m.role, hide(m.content), tuple((c.name, hide(c.arguments)) for c in m.tool_calls), m.name)
+    """The messages as a hashable tuple, ``hide`` applied to the words: content, reasoning, ids,
+    and each call's name, argument keys and string values. One message is ``(role, content,
+    calls, name, reasoning, tool_call_id)``, one call ``(name, arguments as JSON text, id)``.
+
+    Arguments reach templates as a mapping (:meth:`Conversation.to_hf`), so they cannot be hidden
+    whole: their keys and string values are words, numbers and the nesting stay in the shape
+    (sentinels are strings, so ``is string`` and ``| tojson`` treat them as the words they hide).
+    Calls with the same layout then share an analysis, and special-token text in a key or value is
+    plain text like any word's."""
+    def hold(value):  # None stays None: to_hf leaves the key out
+        return None if value is None else hide(value)
+
+    return tuple((m.role, hide(m.content),
+                  tuple((hide(c.name), json.dumps(_hide_json(c.arguments_dict, hide), ensure_ascii=False), hold(c.id))
+                        for c in m.tool_calls),
+                  m.name, hide(m.reasoning), hold(m.tool_call_id))
                  for m in conv.messages)
 
 
+def _hide_json(value, hide):
+    """A JSON value with ``hide`` applied to every object key and string inside it."""
+    if isinstance(value, str):
+        return hide(value)
+    if isinstance(value, dict):
+        return {hide(k): _hide_json(v, hide) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_hide_json(v, hide) for v in value]
+    return value
+
+
 def _messages(key: tuple) -> list[dict]:
-    """Messages in the Hugging Face form, as :meth:`Conversation.to_hf` writes them."""
-    return [{"role": r, "content": c, **({"tool_calls": [{"type": "function", "function": {"name": f, "arguments": a}}
-                                                         for f, a in calls]} if calls else {}),
-             **({"name": name} if name is not None else {})} for r, c, calls, name in key]
+    """Messages in the Hugging Face form, as :meth:`Conversation.to_hf` writes them (the same keys,
+    in the same order: a template that walks a message's items sees the same thing)."""
+    out = []
+    for role, content, calls, name, reasoning, call_id in key:
+        d: dict = {"role": role, "content": content}
+        if reasoning:
+            d["reasoning_content"] = reasoning
+        if calls:
+            d["tool_calls"] = [{"type": "function", **({"id": i} if i is not None else {}),
+                                "function": {"name": f, "arguments": json.loads(a)}} for f, a, i in calls]
+        if name is not None:
+            d["name"] = name
+        if call_id is not None:
+            d["tool_call_id"] = call_id
+        out.append(d)
+    return out
+
+
+def _plain(role: str, content: str) -> tuple:
+    """One message of a key: ``role`` saying ``content``, nothing else."""
+    return role, content, (), None, "", None
 
 
 def _labelled(plan: _Plan, ids: list[int], bounds: list[int]) -> Rendered:
@@ -445,3 +538,65 @@ def _fill(plan: _Plan, text: str, words: list[str]) -> list[int] | None:
         cum.append(cum[-1] + len(word) - plan.slot_len[i])
         pos += len(word) + len(after)
     return cum if pos == len(text) else None
+
+
+def _arguments_end(text: str, start: int, end: int, calls: tuple) -> int:
+    """Where the last of the calls' arguments, written as a JSON object, ends in ``text[start:end]``
+    (``start`` if none is). Their closing quotes and braces are the reply's data, not a terminator:
+    GLM-4 ends a call with its arguments, and its terminator is the next role token."""
+    wanted = [json.loads(arguments) for _, arguments, _ in calls]
+    out, at = start, text.find("{", start, end)
+    while wanted and at >= 0:
+        try:
+            value, stop = _DECODER.raw_decode(text, at)
+        except (ValueError, RecursionError):  # not JSON, or nested past Python's limit
+            pass
+        else:
+            if stop <= end and value in wanted:
+                out = max(out, stop)
+        at = text.find("{", at + 1, end)
+    return out
+
+
+def _plan_text(plan: _Plan) -> str:
+    """The text the plan was cut from: the shape's rendering, sentinels in (the real text, on the slow path)."""
+    slots = (f"{_OPEN}{w}{_CLOSE}" for w in plan.words)
+    return "".join(itertools.chain.from_iterable(zip(plan.glue, slots))) + plan.glue[-1]
+
+
+def _spans(plan: _Plan) -> dict[int, tuple[int, int]]:
+    """The characters of each reply with an exact span, by turn."""
+    out: dict[int, tuple[int, int]] = {}
+    for p0, p1, t, _ in plan.runs:
+        if t >= 0:
+            a, b = out.get(t, (plan.points[p0], plan.points[p1]))
+            out[t] = (min(a, plan.points[p0]), max(b, plan.points[p1]))
+    return out
+
+
+def _sentinels_found(value: str, where: str) -> bool:
+    """Each word of a hidden value, by its sentinel (blanks and markers are the template's to place)."""
+    return all(m.group(0) in where for m in _SLOT.finditer(value))
+
+
+def _text_finder():
+    """``found(value, where)`` for real text: each run of non-blank characters of the value, in order,
+    case aside, as it is or JSON-escaped (templates trim, re-space, re-case or ``| tojson`` words;
+    they must not drop them). The casefolded ``where`` is kept for the next call (one text, many values)."""
+    seen: list[str] = ["", ""]
+
+    def found(value: str, where: str) -> bool:
+        if seen[0] is not where:
+            seen[:] = [where, where.casefold()]
+        hay, at = seen[1], 0
+        for run in value.casefold().split():
+            i = hay.find(run, at)
+            if i < 0:
+                run = json.dumps(run, ensure_ascii=False)[1:-1]
+                i = hay.find(run, at)
+            if i < 0:
+                return False
+            at = i + len(run)
+        return True
+
+    return found
