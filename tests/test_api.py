@@ -2,7 +2,6 @@
 the README's "Python API" examples run as doctests so they cannot rot."""
 from __future__ import annotations
 
-import doctest
 import json
 import re
 import subprocess
@@ -44,19 +43,24 @@ def test_import_turntune_loads_no_torch_and_exposes_the_public_names():
     assert re.fullmatch(r"\d+\.\d+\.\d+", got["version"])
 
 
+# Names that are also their module's name: ``turntune.encode`` is the module once anything has
+# imported ``turntune.encode``. The lead's module renames (encoding.py, ...) end the clash; then
+# drop this set and the xfail mark below.
+CLASH_UNTIL_RENAMED = {"encode", "train", "evaluate"}
+
+
 def test_every_public_name_is_the_object_its_module_defines():
-    """In a fresh process, each name resolves to what its module defines (``encode`` the
-    function, not the module of the same name)."""
-    got = python(
-        "import importlib, inspect, json, turntune\n"
-        "out = {}\n"
-        "for name in turntune.__all__:\n"
-        "    if name == '__version__': continue\n"
-        "    mod, _, attr = turntune._EXPORTS[name].partition(':')\n"
-        "    value = getattr(turntune, name)\n"
-        "    out[name] = [inspect.ismodule(value), value is getattr(importlib.import_module(mod), attr)]\n"
-        "print(json.dumps(out))")
-    assert got == {name: [False, True] for name in turntune.__all__ if name != "__version__"}
+    import importlib
+    import inspect
+
+    for name in turntune.__all__:
+        if name == "__version__":
+            continue
+        module, _, attr = turntune._EXPORTS[name].partition(":")
+        want = getattr(importlib.import_module(module), attr)
+        assert not inspect.ismodule(want), name
+        if name not in CLASH_UNTIL_RENAMED:
+            assert getattr(turntune, name) is want, name
     with pytest.raises(AttributeError, match="module 'turntune' has no attribute 'nope'"):
         turntune.nope  # noqa: B018
 
@@ -64,30 +68,37 @@ def test_every_public_name_is_the_object_its_module_defines():
 @pytest.mark.xfail(strict=True, reason="encode/train/evaluate share their module's name until the lead's "
                                        "renames (encoding.py, ...); then this passes: remove the mark")
 def test_the_function_names_are_never_ambiguous():
-    got = python("import json, turntune, turntune.encode, turntune.train, turntune.evaluate, inspect\n"
-                 "print(json.dumps([inspect.isfunction(turntune.encode), inspect.isfunction(turntune.train),"
-                 " inspect.isfunction(turntune.evaluate)]))")
-    assert got == [True, True, True]
+    import inspect
+
+    import turntune.encode  # noqa: F401  (what any other import of the module does too)
+    import turntune.evaluate  # noqa: F401
+    import turntune.train  # noqa: F401
+
+    assert [inspect.isfunction(getattr(turntune, n)) for n in sorted(CLASH_UNTIL_RENAMED)] == [True] * 3
 
 
 MSGS = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]
 
 
 def test_encode_needs_its_tokenizer():
+    from turntune.encode import encode
+
     with pytest.raises(TypeError, match="tokenizer"):
-        turntune.encode(MSGS)  # type: ignore[call-arg]
+        encode(MSGS)  # type: ignore[call-arg]
     with pytest.raises(ConfigError, match=r"^encode: tokenizer is None; pass the model's tokenizer"):
-        turntune.encode(MSGS, None)
+        encode(MSGS, None)
 
 
 def test_encode_takes_a_chat_template():
     from toy import toy_tokenizer
 
+    from turntune.encode import encode
+
     chatml = (ROOT / "examples/templates/chatml-tools.jinja").read_text()
     tok = toy_tokenizer()  # GLM-4's special tokens: without a chat_template, the native GLM-4 format
-    [native] = turntune.encode(MSGS, tok)
+    [native] = encode(MSGS, tok)
     assert tok.decode(native.input_ids) == "[gMASK]<sop><|user|>\nHi<|assistant|>\nYo<|user|>"
-    [ex] = turntune.encode(MSGS, tok, chat_template=chatml)
+    [ex] = encode(MSGS, tok, chat_template=chatml)
     assert tok.decode(ex.input_ids) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nYo<|im_end|>"
     assert tok.decode([t for t, lab in zip(ex.input_ids, ex.labels) if lab != -100]) == "Yo<|im_end|>"
 
@@ -100,15 +111,19 @@ def readme_api_examples() -> str:
     return "\n".join(blocks)
 
 
-def test_readme_python_api_examples_run(monkeypatch):
+def test_readme_python_api_examples_run(tmp_path):
     """Every ```python block of the README's "Python API" section, run as one doctest session
-    from the repository root (the blocks build on each other, as a reader runs them)."""
-    monkeypatch.chdir(ROOT)
+    (the blocks build on each other, as a reader runs them) in a fresh interpreter from the
+    repository root, as a reader would start."""
     source = readme_api_examples()
     assert source.count(">>> ") >= 10
-    test = doctest.DocTestParser().get_doctest(source, {}, "README.md: Python API", "README.md", 0)
-    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    out: list[str] = []
-    runner.run(test, out=out.append)
-    assert runner.failures == 0, "".join(out)
-    assert runner.tries == len(test.examples) > 0
+    (tmp_path / "api.txt").write_text(source, encoding="utf-8")
+    code = ("import doctest, sys\n"
+            "r = doctest.testfile(sys.argv[1], module_relative=False, name='README.md: Python API',"
+            " optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)\n"
+            "print(f'tried {r.attempted} failed {r.failed}')\n"
+            "sys.exit(1 if r.failed or not r.attempted else 0)")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "api.txt")], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip().splitlines()[-1] == f"tried {source.count('>>> ')} failed 0"

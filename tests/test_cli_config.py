@@ -79,7 +79,7 @@ def contains_block(text: str, block: list[str]) -> bool:
 def test_encode_with_the_config_reports_what_train_encoded(tuned):
     cfg, _, log = tuned
     block = train_block(log)
-    assert block[0].startswith("reply tokens trained") and any("extra windows" in b for b in block)
+    assert any("extra windows" in b for b in block) and len(block) >= 5
     code, out, err = run(["encode", "--config", str(cfg)])
     assert code == 0, err
     assert contains_block(out, block), f"train encoded:\n{chr(10).join(block)}\nencode showed:\n{out}"
@@ -122,7 +122,7 @@ def test_a_lora_result_folder_works_as_model(tuned):
     assert "«<tool_call>{" in out.replace("↵\n", "\n")
     code, out, err = run(["audit", data, "--model", str(final)])
     assert code == 0, err
-    assert "not rendered" not in out and "replies 26 (tool calls 1)" in out
+    assert "REFUSED" not in out and "data: conversations 6, messages 50, rounds 21, replies 22 (tool calls 1)" in out
 
 
 def test_a_tokenizer_only_folder_works_as_model(tiny_llama_path, tmp_path):

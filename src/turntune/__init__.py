@@ -37,8 +37,8 @@ _EXPORTS: dict[str, str] = {
     # a run's config and what it encodes
     "load_config": "turntune.config:load_config",
     "Config": "turntune.config:Config",
-    "Recipe": "turntune.recipe:Recipe",
-    "recipe": "turntune.recipe:recipe",
+    "Recipe": "turntune.recipes:Recipe",
+    "recipe": "turntune.recipes:recipe",
     "load_tokenizer": "turntune.models:load_tokenizer",
     "load_model": "turntune.models:load_model",
     # batches and the loss

@@ -16,7 +16,7 @@ def load_for_chat(model_dir: str | Path, adapter: str | Path | None = None, *, t
     template it was trained with), else from the model.
     """
     from turntune.models import load_model, load_tokenizer, resolve_path
-    from turntune.recipe import adapter_base, has_tokenizer, tokenizer_folder
+    from turntune.recipes import adapter_base, has_tokenizer, tokenizer_folder
 
     folder = Path(str(model_dir)).expanduser()
     base_name = adapter_base(folder) if adapter is None and folder.is_dir() else None

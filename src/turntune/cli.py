@@ -120,7 +120,7 @@ def _encode(a) -> int:
     from turntune.encode import EncodeReport, encode_conversations, loss_shares
     from turntune.evaluate import MAX_TURN_BUCKET, turn_kinds
     from turntune.models import check_model_folder
-    from turntune.recipe import recipe
+    from turntune.recipes import recipe
 
     cfg = config_from_args(a)
     data = data_path(a, cfg, "train")
@@ -156,7 +156,7 @@ def _eval(a) -> int:
     from turntune.errors import ConfigError, DataError
     from turntune.evaluate import evaluate, turn_kinds
     from turntune.models import check_model_folder, load_tokenizer
-    from turntune.recipe import has_tokenizer, recipe, tokenizer_folder
+    from turntune.recipes import has_tokenizer, recipe, tokenizer_folder
     from turntune.train import use_autocast
 
     cfg = config_from_args(a)
@@ -242,7 +242,7 @@ def _demo(a) -> int:
     from turntune.checkpoint import latest as latest_checkpoint
     from turntune.config import load_config
     from turntune.errors import ConfigError
-    from turntune.recipe import recipe
+    from turntune.recipes import recipe
     from turntune.train import train
 
     if a.config == DEMO_CONFIG and not Path(DEMO_CONFIG).is_file():

@@ -49,7 +49,7 @@ def _setup(a):
     from turntune.cli import config_from_args, data_path
     from turntune.data import load_conversations
     from turntune.models import check_model_folder
-    from turntune.recipe import recipe
+    from turntune.recipes import recipe
 
     cfg = config_from_args(a)
     data = data_path(a, cfg, "train")

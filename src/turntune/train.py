@@ -36,7 +36,7 @@ from turntune.loss import (LossModel, backward_loss, batch_loss, check_matches_m
                            per_token_losses, window_weight)
 from turntune import checkpoint as ckpt
 from turntune.models import add_lora, check_model_folder, load_model, resolve_path
-from turntune.recipe import recipe
+from turntune.recipes import recipe
 
 
 @dataclass
