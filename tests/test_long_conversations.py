@@ -85,6 +85,9 @@ INDEXED = chatml_with("{{ '<|im_start|>' + m.role + ' ' + loop.index | string + 
 # A note after the last message of renderings longer than 150 messages: not prefix-stable past there.
 LONG_TAIL = chatml_with(PLAIN + "{% if loop.last and loop.index > 150 and not add_generation_prompt %}"
                         "{{ '<|im_start|>note\\nlong<|im_end|>\\n' }}{% endif %}")
+# A note before the first message of renderings longer than 150 messages: shorter prefixes lack it.
+LONG_HISTORY = chatml_with("{% if loop.first and messages | length > 150 %}{{ '<|im_start|>note\\nlong<|im_end|>\\n' }}"
+                           "{% endif %}" + PLAIN)
 # A different generation prompt for long conversations: no exact span for replies past 150 messages.
 LONG_PROMPT = chatml_with(PLAIN, "{{ '<|im_start|>assistant\\n' + ('(long) ' if messages | length > 150 else '') }}")
 
@@ -105,7 +108,7 @@ def tokenizers(smollm2_tokenizer, glm4_tokenizer):
                     mapping_safe(MISTRAL, "tc.function.arguments")),
         "qwen3": (_variant(tok, QWEN3, plain=("<think>", "</think>", *TOOL_TOKENS)), None),
         "extra-at-150": (tok, EXTRA_AT_150), "indexed": (tok, INDEXED), "long-tail": (tok, LONG_TAIL),
-        "long-prompt": (tok, LONG_PROMPT),
+        "long-prompt": (tok, LONG_PROMPT), "long-history": (tok, LONG_HISTORY),
     }
 
 
@@ -139,17 +142,18 @@ CASES = [  # (template, conversation, the new path's verdict: analysed from prob
     ("qwen25", chat(300, system=False), "predicted"),  # a default system prompt
     # arguments given as a mapping, as words in the shape: whether the shape follows the real text
     # (then predicted) or the real text is analysed (no words to anchor on: full) is not this test's business
-    ("qwen25", tool_loop(300), None),
+    ("qwen25", tool_loop(200), None),
     ("mistral", chat(300), "predicted"),
     ("mistral", tool_loop(300), "predicted"),
-    ("qwen3", chat(300), "full"),  # strips the final reply's empty think block from history
+    ("qwen3", chat(200), "full"),  # strips the final reply's empty think block from history
     ("qwen3", Conversation(tuple(Message(m.role, f"<think>\nplan {i}\n</think>\n\n{m.content}" if m.role == "assistant"
-                                         else m.content) for i, m in enumerate(chat(300).messages)), source="think"),
+                                         else m.content) for i, m in enumerate(chat(200).messages)), source="think"),
      "full"),  # strips reasoning from history
     ("extra-at-150", chat(300, system=False), "predicted"),  # message 150 is a user message
     ("indexed", chat(200), "predicted"),
     ("long-tail", chat(300), "full"),
     ("long-prompt", chat(300), "full"),
+    ("long-history", chat(300), "full"),
 ]
 
 
@@ -180,6 +184,9 @@ def test_the_cases_cover_prefix_stable_spans_and_each_kind_of_refusal(tokenizers
     _, old = pair(tokenizers, "long-tail")
     r = old.render(chat(300))
     assert not r.prefix_stable and r.turn_end[70] > 0 and r.turn_end[80] == -1  # replies past message 150
+    _, old = pair(tokenizers, "long-history")
+    r = old.render(chat(300))
+    assert not r.prefix_stable and r.turn_end[0] == -1 and r.turn_end[-1] > 0
     _, old = pair(tokenizers, "long-prompt")
     assert outcome(old, chat(300)).startswith("TemplateError: chat-300: cannot find the exact span of the final reply")
 

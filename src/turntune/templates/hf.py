@@ -12,6 +12,14 @@ and the encoder renders its prefixes on their own. Each real conversation is ren
 equal its shape's rendering with the words put back (as they are, stripped, or JSON-escaped); if
 the template does more to words than that, the real text gets the same analysis (slower).
 
+Long conversations: rendering every prefix costs time quadratic in the conversation's length. From
+``_LONG_FROM`` messages on, where the words are in the shape, each prefix rendering's end is
+predicted instead: a short probe (the system messages, a user message, the last two messages of the
+prefix) must render what the whole rendering has from the probe's first word on, and the prefix
+then ends where that stretch ends; a few prefixes are rendered for real to verify the predictions,
+and where any check fails every prefix is rendered as above (:meth:`HFTemplate._prefix_ends` says
+what is checked and what is assumed).
+
 Tokens: each rendering is tokenized whole, as at inference; added tokens the template writes are
 single ids and show where each piece's tokens start, special-token text in words stays plain text.
 Pieces end at every reply start, terminator end and exact message start, and no token may straddle
@@ -502,18 +510,17 @@ class HFTemplate:
         """Where the rendering of a prefix ending with ``window`` ends in ``text``, if the probe
         ``lead + window`` (words renumbered) renders from the window's first word on exactly what
         ``text`` has from that word on (see :meth:`_prefix_ends`); else None."""
-        local, numbers = _renumber(lead + window)
-        base = len({w for m in lead for part in _strings(m) for w in _SLOT.findall(part)})  # lead's words come first
+        local, numbers, base = _renumber(lead, window)  # the lead's words are numbered first: below `base`
         rendered = self._try(local, tools, gen, source)
         first = next((m for m in _SLOT.finditer(rendered or "") if int(m.group(1)) >= base), None)
-        if first is None or numbers[int(first.group(1))] not in start_of:
+        if first is None:  # the window renders no word: nothing to anchor on
             return None
         try:
+            at = start_of.get(numbers[int(first.group(1))])
             stretch = _SLOT.sub(lambda m: f"{_OPEN}{numbers[int(m.group(1))]}{_CLOSE}", rendered[first.start():])
         except IndexError:  # a sentinel the template made up
             return None
-        at = start_of[numbers[int(first.group(1))]]
-        return at + len(stretch) if text.startswith(stretch, at) else None
+        return at + len(stretch) if at is not None and text.startswith(stretch, at) else None
 
 
 def _key(conv: Conversation, hide) -> tuple:
@@ -531,8 +538,9 @@ def _strings(x) -> Iterator[str]:
             yield from _strings(y)
 
 
-def _renumber(msgs: tuple) -> tuple[tuple, list[int]]:
-    """The messages with their words renumbered 0, 1, ... in order, and each new number's old one."""
+def _renumber(lead: tuple, rest: tuple) -> tuple[tuple, list[int], int]:
+    """The messages ``lead + rest`` with their words renumbered 0, 1, ... in order, each new
+    number's old one, and how many numbers the lead took."""
     numbers: list[int] = []
     new: dict[int, int] = {}
 
@@ -548,7 +556,10 @@ def _renumber(msgs: tuple) -> tuple[tuple, list[int]]:
             return _SLOT.sub(one, x) if _OPEN in x else x
         return tuple(walk(y) for y in x) if isinstance(x, tuple) else x
 
-    return walk(msgs), numbers
+    first = walk(lead)
+    base = len(numbers)
+    return first + walk(rest), numbers, base
+
 
 def _messages(key: tuple) -> list[dict]:
     """Messages in the Hugging Face form, as :meth:`Conversation.to_hf` writes them."""
