@@ -475,6 +475,12 @@ class HFTemplate:
             latest_user.append(user)
             user = i if m[0] == "user" else user
         points = sorted([(j, False) for j in range(1, n)] + [(a, True) for a in range(n) if msgs[a][0] == "assistant"])
+        def real(j: int, gen: bool) -> str | None:  # not memoized: long, and rendered once (unless refused)
+            try:
+                return self._render(_messages(msgs[:j]), tools[1], gen, source)
+            except TemplateError:
+                return None
+
         ends: dict[tuple[int, bool], int] = {}
         predicted: list[tuple[int, bool]] = []
         latest: dict[tuple, tuple[int, bool]] = {}  # per window pattern: its latest prediction
@@ -490,7 +496,7 @@ class HFTemplate:
                 if end is not None and not own_end[j] <= end <= later_start[j]:
                     end = None
             if end is None:
-                prefix = self._try(msgs[:j], tools, gen, source)
+                prefix = real(j, gen)
                 if prefix is None or not (prefix or gen) or not text.startswith(prefix):
                     return None  # not a prefix: the full analysis decides what is exact
                 end = len(prefix)
@@ -500,7 +506,7 @@ class HFTemplate:
             ends[j, gen] = end
         spots = predicted[::max(1, -(-len(predicted) // _SPOT_CHECKS))]
         for j, gen in sorted(set(latest.values()) | set(spots)):
-            prefix = self._try(msgs[:j], tools, gen, source)
+            prefix = real(j, gen)
             if prefix is None or len(prefix) != ends[j, gen] or not text.startswith(prefix):
                 return None
         return ends
