@@ -7,7 +7,8 @@ instance: ``math.inf`` forces the full analysis, which is the oracle here. Every
 test_template_hf.py is run on conversations of a few hundred messages (plain chats with and
 without a system prompt, tool loops, assistant-first where the template allows it), and so are
 templates that behave differently deep into a conversation: each must give exactly the oracle's
-``Rendered`` (ids, turn, message, turn_end, prefix_stable) or the oracle's error.
+``Rendered`` (ids, turn, message, turn_end, prefix_stable) or the oracle's error. Random shapes
+of 10-40 messages, with the new path forced on, check the same on many more windows.
 """
 from __future__ import annotations
 
@@ -239,3 +240,49 @@ def test_a_long_conversation_costs_linear_template_work(tokenizers, name, c):
         assert decode(r.input_ids[:r.turn.index(k)]) == text(asst[k], gen=True)
     (ex,) = encode_conversations([c], t, EncodeOptions("all"))
     assert ex.input_ids == r.input_ids[:r.turn_end[-1]] and sum(1 for x in ex.labels if x != -100) == sum(1 for x in r.turn[1:] if x >= 0)
+
+
+# -- random shapes, the new path forced on short conversations ------------------------------------
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+PIECES = ["Hi", "yes", " ", "\n", "\n\n", "x=1;", "é", "<|im_end|>", "<|user|>", "[INST]", "<think>", "</think>"]
+words = st.lists(st.sampled_from(PIECES), min_size=0, max_size=4).map("".join)
+
+
+@st.composite
+def shapes(draw, tools: bool) -> Conversation:
+    """10-40 messages: a system prompt or not, user turns, replies (some empty), tool calls
+    (one or two) each followed by its results, in random order."""
+    msgs = [Message("system", draw(words))] if draw(st.booleans()) else []
+    msgs.append(Message("user", draw(words)))
+    while len(msgs) < draw(st.integers(10, 40)):
+        last = msgs[-1].role
+        kind = draw(st.sampled_from(["reply", "call", "user"] if last != "assistant" else ["user"]))
+        if kind == "user":
+            msgs.append(Message("user", draw(words)))
+        elif kind == "reply" or not tools:
+            msgs.append(Message("assistant", draw(words)))
+        else:
+            calls = tuple(ToolCall(draw(st.sampled_from(["get_weather", "run_sql"])), json.dumps({"q": draw(words)}))
+                          for _ in range(draw(st.integers(1, 2))))
+            msgs.append(Message("assistant", draw(st.sampled_from(["", "Checking."])), calls))
+            msgs += [Message("tool", draw(words)) for _ in calls]
+    if msgs[-1].role != "assistant":
+        msgs.append(Message("assistant", draw(words)))
+    return Conversation(tuple(msgs), (WEATHER, SQL) if tools else (), "random")
+
+
+@pytest.mark.parametrize("name", ["smollm2", "chatml-tools", "glm4", "llama3", "qwen25", "mistral"])
+def test_random_shapes_render_exactly_as_the_full_analysis(tokenizers, name):
+    new, old = pair(tokenizers, name)
+    new._long_from = 0  # every conversation takes the new path, however short
+
+    @settings(max_examples=25, derandomize=True, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(c=shapes(tools=name not in ("smollm2", "qwen25")))
+    def check(c):
+        assert outcome(new, c) == outcome(old, c)
+
+    check()
+    assert new._long_paths["predicted"] > 0
