@@ -41,16 +41,6 @@ from gen import long_conversation  # noqa: E402
 
 TEMPLATE = ROOT / "examples" / "templates" / "chatml-tools.jinja"
 TARGET_S = 10.0  # the issue: 10,000 messages encoded in under 10 s
-ARGS = "call['function']['arguments']"
-
-
-def template_source() -> tuple[str, bool]:
-    """chatml-tools.jinja, and whether its tool-call arguments had to be made mapping-safe:
-    ``Conversation.to_hf`` gives templates the arguments as a mapping, which the shipped file
-    (written for JSON text) concatenates; where it still does, write a mapping with ``tojson``."""
-    source = TEMPLATE.read_text()
-    patched = source.replace(ARGS, f"({ARGS} if {ARGS} is string else {ARGS} | tojson)")
-    return patched, patched != source
 
 
 def run(conv, tok, source: str, full: bool):
@@ -86,12 +76,10 @@ def main() -> None:
     from turntune.assets import smollm2_dir
 
     tok = AutoTokenizer.from_pretrained(smollm2_dir())
-    source, patched = template_source()
+    source = TEMPLATE.read_text()
     print(f"# bench_long  {date.today()}  {platform.machine()}, {os.cpu_count()} CPU cores, Python "
           f"{platform.python_version()}, load average {os.getloadavg()[0]:.1f}")
-    print(f"\nSmolLM2 tokenizer, {TEMPLATE.relative_to(ROOT)}"
-          + (" (tool-call arguments written with tojson when a mapping: the file concatenates them as text)"
-             if patched else "") + f"; encode_conversations(strategy all); best of {args.repeat}")
+    print(f"\nSmolLM2 tokenizer, {TEMPLATE.relative_to(ROOT)}; encode_conversations(strategy all); best of {args.repeat}")
     print("\n| conversation | messages | tokens | replies | path | wall s | CPU s | CPU ms / message |"
           " rendered / n | full / new (CPU) |")
     print("|---|---:|---:|---:|---|---:|---:|---:|---:|---:|")
