@@ -147,6 +147,10 @@ class TrainConfig:
     all-reduces gradients; ``fsdp`` shards weights, gradients and optimizer state across ranks
     (FSDP2, one unit per decoder layer) for models that do not fit one device. Same losses either
     way. With one process there is nothing to shard and ``fsdp`` runs unsharded."""
+    report_to: tuple[Literal["tensorboard", "wandb", "mlflow"], ...] = ()
+    """Experiment trackers that get every metrics.jsonl record: ``tensorboard`` (event files next
+    to metrics.jsonl, no package needed to write them), ``wandb``, ``mlflow`` (each only when
+    installed). Empty: metrics.jsonl and loss.png only."""
 
     def __post_init__(self) -> None:
         _require("train", self,
@@ -176,6 +180,7 @@ class Config:
     def to_yaml(self) -> str:
         d = self.to_dict()
         d["lora"]["target_modules"] = list(d["lora"]["target_modules"])
+        d["train"]["report_to"] = list(d["train"]["report_to"])
         return yaml.safe_dump(d, sort_keys=False)
 
 
