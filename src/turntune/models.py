@@ -74,7 +74,9 @@ def resolve_path(path: str) -> Path:
         return assets.tiny_glm4_example_dir()
     if path.startswith("builtin:"):
         raise ConfigError(f"model.path: unknown built-in {path!r}; built-ins: {', '.join(BUILTIN)}")
-    p = hub_snapshot(path) if is_repo_id(path) else Path(path).expanduser()
+    if is_repo_id(path):
+        path = str(hub_snapshot(path))  # an absolute folder in the Hub cache
+    p = Path(path).expanduser()
     if not p.is_dir():
         raise ConfigError(f"model.path: {p} is not a folder. Give a local model folder in Hugging Face layout "
                           "(config.json, *.safetensors, tokenizer files), or a Hub repo id (owner/name)")
