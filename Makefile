@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: install demo test bench
+.PHONY: install demo test test-fast lint bench
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -21,6 +21,13 @@ demo: install
 
 test: install
 	$(PY) -m pytest
+
+# everything but the tests marked slow (real weights, training runs, several processes): under 3 minutes
+test-fast: install
+	$(PY) -m pytest -m "not slow"
+
+lint: install
+	$(VENV)/bin/ruff check src tests bench examples
 
 bench: install
 	$(PIP) install -c constraints.txt -r bench/requirements-bench.txt  # TRL, for the comparison only

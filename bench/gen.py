@@ -229,3 +229,38 @@ def long_tailed(n: int, seed: int = 0, *, mid_share: float = 0.11, long_share: f
             k = 1 + min(int(rng.expovariate(0.35)), 7)
         out.append(_conversation(rng, k, i, seed, long_paste))
     return out
+
+
+def long_conversation(messages: int, kind: str = "chat", seed: int = 0) -> Conversation:
+    """One conversation of about ``messages`` messages (at least that many, ending with a reply).
+
+    ``chat``: a system prompt, then user turns and replies (lengths as in :func:`conversations`).
+    ``agent``: a tool-using trajectory: a system prompt, one task, then tool calls and their
+    results (now and then two calls at once, or a user follow-up), and a final answer: about
+    half the messages are assistant tool calls.
+
+    >>> len(long_conversation(100, "agent").messages) >= 100
+    True
+    """
+    if kind not in ("chat", "agent"):
+        raise ValueError(f"kind: {kind!r}; valid: 'chat', 'agent'")
+    rng = random.Random(seed)
+    msgs: list[dict] = [{"role": "system", "content": rng.choice(_SYSTEMS)}]
+    if kind == "chat":
+        while len(msgs) < messages:
+            msgs.append({"role": "user", "content": _words(rng, _lognormal_words(rng, 25, 0.9, 2, 200))})
+            msgs.append({"role": "assistant", "content": _reply(rng, _lognormal_words(rng, 90, 0.7, 15, 300))})
+        record = {"messages": msgs}
+    else:
+        msgs.append({"role": "user", "content": _words(rng, _lognormal_words(rng, 25, 0.9, 4, 200))})
+        while len(msgs) < messages - 1:
+            if rng.random() < 0.03:
+                msgs.append({"role": "user", "content": _words(rng, _lognormal_words(rng, 15, 0.5, 4, 60))})
+            rounds = [_tool_round(rng, rng.choice(_TOOLS)) for _ in range(2 if rng.random() < 0.1 else 1)]
+            call = rounds[0][1]
+            call["tool_calls"] = [c for r in rounds for c in r[1]["tool_calls"]]  # parallel calls: one message
+            msgs.append(call)
+            msgs.extend(r[2] for r in rounds)
+        msgs.append({"role": "assistant", "content": _reply(rng, _lognormal_words(rng, 50, 0.6, 10, 200))})
+        record = {"messages": msgs, "tools": _TOOLS}
+    return parse_record(record, source=f"long-{kind}-{messages}:{seed}")

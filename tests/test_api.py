@@ -111,6 +111,7 @@ def readme_api_examples() -> str:
     return "\n".join(blocks)
 
 
+@pytest.mark.slow  # the examples train 2 steps
 def test_readme_python_api_examples_run(tmp_path):
     """Every ```python block of the README's "Python API" section, run as one doctest session
     (the blocks build on each other, as a reader runs them) in a fresh interpreter from the

@@ -482,7 +482,7 @@ def _train_cfg(tmp: Path, model_path: Path | str, **sections) -> Path:
 
 
 SETTINGS = "autocast, epochs, eval_every, grad_accum, gradient_checkpointing, keep_last, log_every, lr, max_grad_norm, " \
-           "max_steps, method, micro_batch_tokens, min_lr_ratio, nonfinite, output_dir, parallel, save_every, schedule, seed, " \
+           "max_steps, method, micro_batch_tokens, min_lr_ratio, nonfinite, output_dir, parallel, report_to, save_every, schedule, seed, " \
            "warmup_steps, weight_decay"
 BAD_CONFIGS = {
     "unknown key": ({"train": {"learning_rate": 1e-4}}, [],
@@ -519,10 +519,14 @@ def test_bad_model_folders(toy_dir, plain_tokenizer_dir, tmp_path, capsys):
     missing = tmp_path / "no-such-model"
     assert train_err(missing) == (
         f"turntune: error: model.path: {missing} is not a folder. Give a local model folder in Hugging Face layout "
-        "(config.json, *.safetensors, tokenizer files); nothing is downloaded at run time\n")
-    assert train_err("THUDM/glm-4-9b-chat") == (  # a hub id is not fetched: it is a missing folder
-        "turntune: error: model.path: THUDM/glm-4-9b-chat is not a folder. Give a local model folder in Hugging Face "
-        "layout (config.json, *.safetensors, tokenizer files); nothing is downloaded at run time\n")
+        "(config.json, *.safetensors, tokenizer files), or a Hub repo id (owner/name)\n")
+    from huggingface_hub import constants
+
+    assert train_err("THUDM/glm-4-9b-chat") == (  # a hub id, offline and not in the cache: not fetched
+        "turntune: error: model.path: 'THUDM/glm-4-9b-chat' is not a local folder, so it was taken for a Hugging "
+        f"Face Hub repo id, but it is not in the Hub cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE=1 forbids "
+        "downloading it: download it first (`hf download THUDM/glm-4-9b-chat`), set HF_HUB_OFFLINE=0, or give a "
+        "local folder\n")
     assert train_err("builtin:llama-7b") == (
         "turntune: error: model.path: unknown built-in 'builtin:llama-7b'; built-ins: builtin:smollm2, builtin:tiny-glm4\n")
     no_config = tmp_path / "no-config"

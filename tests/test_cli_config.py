@@ -76,6 +76,7 @@ def contains_block(text: str, block: list[str]) -> bool:
 
 
 # -- item 3: --config -----------------------------------------------------------------------------
+@pytest.mark.slow  # uses the 1-step training run
 def test_encode_with_the_config_reports_what_train_encoded(tuned):
     cfg, _, log = tuned
     block = train_block(log)
@@ -88,6 +89,7 @@ def test_encode_with_the_config_reports_what_train_encoded(tuned):
             "history_fraction 0.5, cut_long_replies false") in out
 
 
+@pytest.mark.slow  # uses the 1-step training run
 def test_flags_and_dotted_overrides_override_the_config(tuned):
     cfg, _, log = tuned
     code, out, _ = run(["encode", "--config", str(cfg), "--max-length", "2048", "--data.history_fraction=0.3"])
@@ -105,6 +107,7 @@ def test_without_config_the_defaults_are_the_configs(tiny_llama_path, tmp_path):
     assert "strategy all, weighting token, max_length 1024, history_fraction 0.3, cut_long_replies false" in out
 
 
+@pytest.mark.slow  # uses the 1-step training run
 def test_a_lora_result_folder_works_as_model(tuned):
     """``final/`` (adapter + tokenizer, no config.json) carries the template it was trained with."""
     cfg, out_dir, log = tuned
@@ -138,6 +141,7 @@ def test_a_tokenizer_only_folder_works_as_model(tiny_llama_path, tmp_path):
         assert code == 0, err
 
 
+@pytest.mark.slow  # uses the 1-step training run
 def test_inspect_and_audit_take_the_config(tuned):
     cfg, _, _ = tuned
     code, out, err = run(["inspect", "--config", str(cfg), "-n", "1", "--color", "never"])
@@ -168,6 +172,7 @@ def train_eval_after(out_dir: Path) -> dict:
     return [r for r in records if r["kind"] == "eval"][-1]
 
 
+@pytest.mark.slow  # uses the 1-step training run
 def test_eval_scores_what_train_scored_at_the_runs_precision(tuned, tmp_path):
     """The same adapter and tokens give the same loss in ``train``'s eval and ``turntune eval``:
     both under the run's precision (here bf16 autocast), which both name."""
@@ -184,6 +189,7 @@ def test_eval_scores_what_train_scored_at_the_runs_precision(tuned, tmp_path):
     assert fp32["model"]["tokens"] == after["tokens"] and fp32["model"]["loss"] != got["loss"]
 
 
+@pytest.mark.slow  # uses the 1-step training run
 def test_eval_compare_scores_the_same_tokens_and_labels_roles(tuned, tiny_llama_path, tmp_path):
     cfg, out_dir, _ = tuned
     final = out_dir / "final"
@@ -201,6 +207,7 @@ def test_eval_compare_scores_the_same_tokens_and_labels_roles(tuned, tiny_llama_
     assert head.split() == ["tuned", "base", "tokens"]
 
 
+@pytest.mark.slow  # uses the 1-step training run
 def test_eval_compare_header_with_an_adapter(tuned, tiny_llama_path, tmp_path):
     """``--adapter`` on the same base: the header used to read ``builtin:smollm2builtin:smollm2 (2)``."""
     cfg, out_dir, _ = tuned
@@ -213,6 +220,7 @@ def test_eval_compare_header_with_an_adapter(tuned, tiny_llama_path, tmp_path):
     assert res["tuned"]["tokens"] == res["base"]["tokens"] and res["tuned"]["loss"] != res["base"]["loss"]
 
 
+@pytest.mark.slow  # uses the 1-step training run
 def test_eval_compare_refuses_models_with_different_tokenizers(tuned, tiny_glm_path):
     cfg, out_dir, _ = tuned
     code, _, err = run(["eval", str(out_dir / "final"), "--config", str(cfg), "--compare", str(tiny_glm_path)])

@@ -155,7 +155,8 @@ def test_pack_batch_layout() -> None:
 
 
 @pytest.mark.parametrize("kind", ["llama", "glm"])
-@pytest.mark.parametrize("impl", ["eager", "sdpa", "sdpa_varlen"])
+@pytest.mark.parametrize("impl", [pytest.param("eager", marks=pytest.mark.slow),
+                                  pytest.param("sdpa", marks=pytest.mark.slow), "sdpa_varlen"])  # the default fast
 def test_packed_and_padded_losses_equal_single(kind: str, impl: str) -> None:
     model = tiny_model(kind, impl)
     rng = random.Random(3)

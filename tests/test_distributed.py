@@ -86,6 +86,7 @@ def fsdp_lora(tiny_glm_path, tmp_path_factory) -> tuple[Path, str]:
     return tmp / "fsdp", out
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one_process(one_process, tiny_glm_path, tmp_path):
     stdout = _run(_cfg(tmp_path, tiny_glm_path, tmp_path / "two", 1), 2)
     assert "2 rank(s)" in stdout
@@ -96,6 +97,7 @@ def test_two_ranks_equal_one_process(one_process, tiny_glm_path, tmp_path):
     assert eval_two == pytest.approx(eval_one, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_fsdp_lora_two_ranks_equal_one_process(one_process, fsdp_lora):
     out, stdout = fsdp_lora
     assert "FSDP2: 2 decoder layers + the root sharded over 2 ranks" in stdout
@@ -121,6 +123,7 @@ def test_fsdp_lora_two_ranks_equal_one_process(one_process, fsdp_lora):
             torch.testing.assert_close(ob["state"][i][k], v, rtol=1e-5, atol=1e-9)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
 def test_fsdp_stopped_at_a_checkpoint_resumes_with_the_same_losses(fsdp_lora, tmp_path, parallel):
     """The state a stop (or kill) right after step 2's checkpoint leaves; resumed sharded, and
@@ -145,6 +148,7 @@ def test_fsdp_stopped_at_a_checkpoint_resumes_with_the_same_losses(fsdp_lora, tm
     assert eval_resumed == pytest.approx(eval_full, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_fsdp_full_fine_tuning_equals_one_process(tiny_llama_path, tmp_path):
     """Every weight trained and sharded; tiny Llama ties its LM head to the embedding."""
     kw = dict(method="full", lr=1e-3, save_every=0)
@@ -191,6 +195,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow
 def test_fsdp_evaluation_with_uneven_shares_of_rows(tiny_glm_path, tmp_path):
     """Ranks with different numbers of eval batches: the sharded model must still run the same
     number of forwards on each (each gathers weights collectively), or the run would hang."""
@@ -222,6 +227,7 @@ def test_parallel_is_ddp_or_fsdp():
         load_config(None, ["train.parallel=zero3"])
 
 
+@pytest.mark.slow
 def test_fsdp_with_one_process_runs_the_whole_model(one_process, tiny_glm_path, tmp_path):
     stdout = _run(_cfg(tmp_path, tiny_glm_path, tmp_path / "one", 2, parallel="fsdp"), 1)
     assert "train.parallel=fsdp with one process: nothing to shard, the model runs whole" in stdout

@@ -44,7 +44,7 @@ def per_token(model, ex) -> dict[int, float]:
     return {i: -logp[i - 1, ex.input_ids[i]] for i, lab in enumerate(ex.labels) if lab != IGNORE_INDEX}
 
 
-@pytest.fixture(params=["glm", "llama"])
+@pytest.fixture(params=[pytest.param("glm", marks=pytest.mark.slow), "llama"])  # GLM: a 151k vocab in float64
 def setup(request, tiny_glm_path, tiny_llama_path):
     path = tiny_glm_path if request.param == "glm" else tiny_llama_path
     tok = load_tokenizer(path)

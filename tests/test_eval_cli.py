@@ -79,6 +79,7 @@ def reference(model_dir: Path, tokenizer, data: Path) -> dict:
     return {k: (s[0] / s[1], s[1]) for k, s in sums.items()}
 
 
+@pytest.mark.slow
 def test_eval_compare_writes_both_models(compared, tiny_glm_path, other_model):
     code, text, res = compared
     assert code == 0
@@ -103,6 +104,7 @@ def test_eval_compare_writes_both_models(compared, tiny_glm_path, other_model):
     assert rows[0].split()[2:] == [f"{first['loss']:.4f}", f"{second['loss']:.4f}", str(first["tokens"])]
 
 
+@pytest.mark.slow
 def test_eval_figures_match_the_models_own_logits(compared, tiny_glm_path, glm4_tokenizer, data):
     _, _, res = compared
     got = next(iter(res.values()))

@@ -289,6 +289,7 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatc
     assert not list((out / "checkpoints").glob(".tmp-*"))
 
 
+@pytest.mark.slow
 def test_disk_full_while_training_keeps_the_last_checkpoint_and_resumes_exactly(
         toy_model, toy_data, tmp_path, monkeypatch, reference):
     from turntune.train import train
@@ -378,6 +379,7 @@ CHILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sigkill_inside_a_checkpoint_write_then_resume_logs_the_same_losses(toy_model, toy_data, tmp_path, reference):
     from turntune.train import train
 

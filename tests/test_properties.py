@@ -330,27 +330,60 @@ def smollm2_hf(smollm2_tokenizer):
     return HFTemplate(smollm2_tokenizer)
 
 
-@pytest.mark.filterwarnings("ignore:strategy 'full' trains on user")
-@_settings("hf_conversations")
-@given(records=st.lists(record, min_size=1, max_size=2), opts=options)
-def test_random_conversations_hf_smollm2(smollm2_hf, smollm2_tokenizer, scratch, records, opts):
-    path = _write_lines(scratch, [json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in records])
-    done = load_and_encode(path, smollm2_hf, opts)
-    if done is None or opts.strategy != "all" or opts.max_length is not None:
-        return
-    convs, examples, _ = done
+def hf_property(template, tokenizer, scratch) -> Counter:
+    """Run the HF property with ``template``; counts what it actually checked (a property that
+    checks nothing passes: a template refusing every conversation must not)."""
+    checked: Counter = Counter()
 
     # SmolLM2's byte-level vocabulary lacks 21 of the 256 byte symbols (control characters such as
     # \x04, and the lead bytes of U+40000-U+BFFFF): the tokenizer drops those bytes, so a reply's
     # text is compared with what the tokenizer itself makes of it, tokenized alone as plain text.
     def decode(ids):
-        return smollm2_tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     def plain_ids(text):
-        return smollm2_tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
-    for e in examples:
-        conv = next(c for c in convs if c.source == e.source)
-        for t, ids in targets_by_turn(e).items():
-            m = conv.messages[conv.assistant_indices[t]]
-            assert decode(ids) == decode(plain_ids(m.content)) + "<|im_end|>"
+    @_settings("hf_conversations")
+    @given(records=st.lists(record, min_size=1, max_size=2), opts=options)
+    def run(records, opts):
+        path = _write_lines(scratch, [json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in records])
+        done = load_and_encode(path, template, opts)
+        if done is None:
+            return
+        convs, examples, _ = done
+        checked["cases encoded"] += bool(examples)
+        if opts.strategy != "all" or opts.max_length is not None:
+            return
+        for e in examples:
+            conv = next(c for c in convs if c.source == e.source)
+            for t, ids in targets_by_turn(e).items():
+                m = conv.messages[conv.assistant_indices[t]]
+                assert decode(ids) == decode(plain_ids(m.content)) + "<|im_end|>"
+                checked["replies compared"] += 1
+
+    run()
+    return checked
+
+
+# With the fixed draw 50 of the 120 cases give examples and 56 replies are compared (the rest are
+# invalid records, or options other than all without max_length); the floors, half of that, leave
+# room for rule changes that refuse a few more, not for a template that refuses everything.
+HF_FLOORS = {"cases encoded": 25, "replies compared": 28}
+
+
+@pytest.mark.filterwarnings("ignore:strategy 'full' trains on user")
+def test_random_conversations_hf_smollm2(smollm2_hf, smollm2_tokenizer, scratch):
+    checked = hf_property(smollm2_hf, smollm2_tokenizer, scratch)
+    for what, floor in HF_FLOORS.items():
+        assert checked[what] >= floor, f"only {checked[what]} {what} (at least {floor}): {dict(checked)}"
+
+
+@pytest.mark.filterwarnings("ignore:strategy 'full' trains on user")
+def test_the_hf_property_fails_with_a_template_that_refuses_everything(smollm2_tokenizer, scratch):
+    from turntune.templates.hf import HFTemplate
+
+    refusing = HFTemplate(smollm2_tokenizer, "{{ raise_exception('this template refuses every conversation') }}")
+    checked = hf_property(refusing, smollm2_tokenizer, scratch)
+    assert checked["cases encoded"] == 0 and checked["replies compared"] == 0
+    assert any(checked[what] < floor for what, floor in HF_FLOORS.items())

@@ -246,20 +246,27 @@ def test_tests_run_offline():
     assert huggingface_hub.constants.HF_HUB_OFFLINE is True
 
 
-def test_the_cli_sets_the_hub_offline(monkeypatch, tmp_path, capsys):
+def test_the_cli_leaves_the_hub_to_the_environment(monkeypatch, tmp_path, capsys):
+    """Online or offline is the user's choice (a Hub repo id downloads only when online); local
+    folders never reach the network, whatever it says (the next test)."""
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.delenv("HF_DATASETS_OFFLINE")
     data = tmp_path / "d.jsonl"
     data.write_text(toy_conversations(1))
     assert main(["validate", str(data)]) == 0
-    assert (os.environ["HF_HUB_OFFLINE"], os.environ["HF_DATASETS_OFFLINE"]) == ("1", "1")
+    assert "HF_HUB_OFFLINE" not in os.environ and os.environ["HF_DATASETS_OFFLINE"] == "1"
 
 
 def test_a_whole_run_opens_no_socket(toy_model, tmp_path, monkeypatch):
-    """Train (and save) with every way out of the machine made to fail loudly."""
+    """Train (and save) with every way out of the machine made to fail loudly, and the hub client
+    told it is online: a local model folder never asks the network."""
+    import huggingface_hub.constants
     import yaml
 
     from turntune.train import train
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
 
     def no_network(*a, **k):
         raise AssertionError(f"network access attempted: {a[:2]}")

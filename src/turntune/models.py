@@ -1,7 +1,13 @@
-"""Models and tokenizers from local folders (Hugging Face layout). Nothing is fetched from a hub."""
+"""Models and tokenizers: a local folder (Hugging Face layout), a built-in, or a Hub repo id.
+
+A repo id (``Qwen/Qwen2.5-0.5B-Instruct``) resolves through ``huggingface_hub``: from its cache
+when ``HF_HUB_OFFLINE=1``, downloaded into it otherwise. A local folder never touches the network.
+"""
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -12,10 +18,55 @@ from turntune.errors import ConfigError
 BUILTIN = ("builtin:smollm2", "builtin:tiny-glm4")
 # Attention projections: the usual LoRA targets, named alike in Llama, Qwen2, GLM and GLM-4-0414.
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+# ``owner/name`` as the Hub spells it; anything else (``./x``, ``/x``, ``a/b/c``, ``~/x``) is a path.
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+# What a model folder needs; the rest of a repo (pickled .bin, ONNX, GGUF copies) is not fetched.
+_HUB_FILES = ("*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.tiktoken", "*.py")
+
+
+def is_repo_id(path: str) -> bool:
+    """``owner/name`` that is not an existing local path: a Hugging Face Hub repo id.
+
+    >>> is_repo_id("Qwen/Qwen2.5-0.5B-Instruct"), is_repo_id("./models/qwen"), is_repo_id("/models/qwen")
+    (True, False, False)
+    """
+    return bool(_REPO_ID.fullmatch(path)) and ".." not in path and not Path(path).exists()
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """The local folder of a Hub repo: the cached snapshot, downloaded first when online.
+
+    ``huggingface_hub`` decides from the environment: with ``HF_HUB_OFFLINE=1`` it only looks in
+    its cache (``HF_HUB_CACHE``, default ``~/.cache/huggingface/hub``); otherwise it fetches what is
+    missing (the model files only, see ``_HUB_FILES``). Every failure is a ConfigError.
+    """
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    where = f"model.path: {repo_id!r} is not a local folder, so it was taken for a Hugging Face Hub repo id"
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=list(_HUB_FILES)))
+    except GatedRepoError:
+        raise ConfigError(f"{where}; the repo is gated: accept its terms on huggingface.co and log in "
+                          "(`hf auth login`), or give a local folder") from None
+    except (RepositoryNotFoundError, RevisionNotFoundError):
+        raise ConfigError(f"{where}, but the Hub has no such repo (or it is private: log in with "
+                          "`hf auth login`); check the name, or give a local folder") from None
+    except LocalEntryNotFoundError:
+        if constants.HF_HUB_OFFLINE:
+            raise ConfigError(f"{where}, but it is not in the Hub cache ({constants.HF_HUB_CACHE}) and "
+                              "HF_HUB_OFFLINE=1 forbids downloading it: download it first (`hf download "
+                              f"{repo_id}`), set HF_HUB_OFFLINE=0, or give a local folder") from None
+        raise ConfigError(f"{where}, but the Hub could not be reached and it is not in the cache "
+                          f"({constants.HF_HUB_CACHE}): check the network, or give a local folder") from None
+    except (HfHubHTTPError, OSError, ValueError) as e:  # HTTP errors, a full disk, an invalid name
+        raise ConfigError(f"{where}, and fetching it failed: {e}; give a local folder instead") from None
 
 
 def resolve_path(path: str) -> Path:
-    """A model folder: a local path, or one of the built-in assets (built once, offline)."""
+    """A model folder: a local path, one of the built-in assets (built once, offline), or a Hub
+    repo id (``owner/name``, see :func:`hub_snapshot`)."""
     from turntune import assets
 
     if path == "builtin:smollm2":
@@ -24,10 +75,12 @@ def resolve_path(path: str) -> Path:
         return assets.tiny_glm4_example_dir()
     if path.startswith("builtin:"):
         raise ConfigError(f"model.path: unknown built-in {path!r}; built-ins: {', '.join(BUILTIN)}")
+    if is_repo_id(path):
+        path = str(hub_snapshot(path))  # an absolute folder in the Hub cache
     p = _expand(path)
     if not p.is_dir():
         raise ConfigError(f"model.path: {p} is not a folder. Give a local model folder in Hugging Face layout "
-                          "(config.json, *.safetensors, tokenizer files); nothing is downloaded at run time")
+                          "(config.json, *.safetensors, tokenizer files), or a Hub repo id (owner/name)")
     if not (p / "config.json").is_file():
         raise ConfigError(f"model.path: {p} has no config.json; is it a Hugging Face model folder?")
     return p
@@ -183,14 +236,38 @@ def add_lora(model, r: int, alpha: int, dropout: float, targets: tuple[str, ...]
     return get_peft_model(model, cfg)
 
 
+# What a run's final/ folder holds besides the adapter: the tokenizer with the chat template it
+# was trained with (``data.chat_template`` replaces the base's) and the generation config.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json")
+GENERATION_CONFIG = "generation_config.json"
+
+
 def merge_adapter(base: str, adapter: str | Path, out: str | Path) -> Path:
-    """Fold a LoRA adapter into its base model and save a standalone folder (safetensors)."""
+    """Fold a LoRA adapter into its base model and save a standalone folder (safetensors).
+
+    The tokenizer, chat template and generation config are the adapter folder's, copied byte for
+    byte: a run trained with its own template (``data.chat_template``) must be evaluated and served
+    with it, not with the base model's. An adapter folder without tokenizer files (a plain PEFT
+    adapter) gets the base model's.
+
+    >>> merge_adapter("builtin:smollm2", "runs/smollm2-lora/final", "merged")  # doctest: +SKIP
+    """
     from peft import PeftModel
 
+    adapter = Path(adapter)
     model = load_model(base)
-    tok = load_tokenizer(base)
     merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     out = Path(out)
     merged.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
+    carried = [f for f in (*TOKENIZER_FILES, GENERATION_CONFIG) if (adapter / f).is_file()]
+    if "tokenizer_config.json" in carried:
+        # The base's tokenizer files are not written at all: a stale chat_template.jinja beside a
+        # tokenizer_config.json that holds the template would win over it when loading.
+        for f in TOKENIZER_FILES:
+            (out / f).unlink(missing_ok=True)
+    else:
+        load_tokenizer(base).save_pretrained(out)
+    for f in carried:
+        shutil.copyfile(adapter / f, out / f)
     return out

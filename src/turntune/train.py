@@ -37,6 +37,7 @@ from turntune.loss import (LossModel, backward_loss, batch_loss, check_matches_m
 from turntune import checkpoint as ckpt
 from turntune.models import add_lora, check_model_folder, load_model, resolve_path
 from turntune.recipes import recipe
+from turntune.tracking import Tracker, open_tracker
 
 
 @dataclass
@@ -68,11 +69,12 @@ def setup_distributed() -> Dist:
 
 
 class Log:
-    """Rank 0 prints; every line also goes to metrics.jsonl when it is a record."""
+    """Rank 0 prints; every record goes to metrics.jsonl and to the trackers of train.report_to."""
 
-    def __init__(self, d: Dist, out: Path | None) -> None:
+    def __init__(self, d: Dist, out: Path | None, tracker: Tracker | None = None) -> None:
         self.d = d
         self.metrics = open(out / "metrics.jsonl", "a", encoding="utf-8") if (out and d.main) else None
+        self.tracker = tracker
 
     def __call__(self, *parts: object) -> None:
         if self.d.main:
@@ -82,6 +84,14 @@ class Log:
         if self.metrics:
             self.metrics.write(json.dumps(rec) + "\n")
             self.metrics.flush()
+        if self.tracker:
+            self.tracker.log(rec)
+
+    def close(self) -> None:
+        if self.metrics:
+            self.metrics.close()
+        if self.tracker:
+            self.tracker.close()
 
 
 def lr_factor(step: int, cfg: Config, total: int) -> float:
@@ -256,7 +266,7 @@ def train(cfg: Config, *, resume: bool = False) -> TrainResult:
             raise ConfigError(f"train.output_dir: {out} already holds checkpoints; pass --resume to continue "
                               "that run, or choose another output_dir")
         (out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
-    log = Log(d, out)
+    log = Log(d, out, open_tracker(cfg.train.report_to, out, cfg.to_dict()) if d.main else None)
     log("resolved config:\n  " + cfg.to_yaml().rstrip().replace("\n", "\n  "))
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
@@ -452,6 +462,7 @@ def train(cfg: Config, *, resume: bool = False) -> TrainResult:
 
         png = plot_losses(out / "metrics.jsonl", out / "loss.png")
         log(f"saved {final} and {png}")
+    log.close()
     if d.world > 1:
         dist.barrier()
     return TrainResult(out, final, step, eval_before, eval_after, skipped)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 
-from turntune.conversation import Conversation, Message
+from turntune.conversation import Conversation
 from turntune.errors import TemplateError
 from turntune.templates.base import Rendered
 

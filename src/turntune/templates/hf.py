@@ -20,6 +20,14 @@ its span, other messages' words in the rendering, else the conversation is refus
 (``not_rendered``); checked once per shape on the sentinels, or on the real text when the template
 does more to words than the shape follows.
 
+Long conversations: rendering every prefix costs time quadratic in the conversation's length. From
+``_LONG_FROM`` messages on, where the words are in the shape, each prefix rendering's end is
+predicted instead: a short probe (the system messages, a user message, the last two messages of the
+prefix) must render what the whole rendering has from the probe's first word on, and the prefix
+then ends where that stretch ends; a few prefixes are rendered for real to verify the predictions,
+and where any check fails every prefix is rendered as above (:meth:`HFTemplate._prefix_ends` says
+what is checked and what is assumed).
+
 Tokens: each rendering is tokenized whole, as at inference; added tokens the template writes are
 single ids and show where each piece's tokens start, special-token text in words stays plain text.
 Pieces end at every reply start, terminator end and exact message start, and no token may straddle
@@ -34,7 +42,8 @@ import json
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import jinja2
@@ -49,6 +58,10 @@ _OPEN, _CLOSE = "\ue000", "\ue001"  # private-use characters: no template tests 
 _SLOT = re.compile(f"{_OPEN}(\\d+){_CLOSE}")
 _DECODER = json.JSONDecoder()
 _SERIAL_TEXTS, _SERIAL_CHARS = 64, 8192  # up to this much, tokenize on this thread (see _tokenize)
+# Long conversations (see HFTemplate._prefix_ends): from this many messages on, prefix renderings
+# are predicted from probes; a probe ends with this many messages (more where tool results follow
+# their call); this many predictions spread over the conversation are also rendered for real.
+_LONG_FROM, _WINDOW, _SPOT_CHECKS = 64, 2, 8
 
 
 @dataclass(frozen=True, eq=False)
@@ -115,6 +128,8 @@ class HFTemplate:
         self._renders: dict[tuple, str | None] = {}
         self._dropped: dict[tuple, tuple[int, list[str]] | None] = {}  # per shape: see _dropped_in_shape
         self._cache_size = cache_size
+        self._long_from = _LONG_FROM  # messages; math.inf: always the full analysis (the tests' oracle)
+        self._long_paths: Counter[str] = Counter()  # long shapes analysed: "predicted", or "full" where refused
 
     # -- public -----------------------------------------------------------------------------
     def render(self, conversation: Conversation) -> Rendered:
@@ -305,6 +320,7 @@ class HFTemplate:
         found = list(_SLOT.finditer(text)) if with_words else []
         slots = [(m.start(), m.end()) for m in found]
         slot_end = {int(m.group(1)): m.end() for m in found}
+        slot_start, slot_stop = [a for a, _ in slots], [b for _, b in slots]
         added = self._glue_tokens(text, slots)
         n = len(msgs)
         asst = [i for i, m in enumerate(msgs) if m[0] == "assistant"]
@@ -314,7 +330,15 @@ class HFTemplate:
         exact: list[int | None] = [None] * n + [len(whole) if whole is not None and text.startswith(whole) else None]
         label = [0] * n + [len(text)]  # message starts for labels: exact, else the best estimate
         label[0] = self._first_start(msgs, tools, text, source)
+        ends = None  # long conversations: every prefix's end predicted and checked, else rendered below
+        if with_words and n >= self._long_from:
+            ends = self._prefix_ends(msgs, tools, text, source)
+            self._long_paths["predicted" if ends is not None else "full"] += 1
         for j in range(1, n):
+            if ends is not None:
+                exact[j] = ends[j, False]
+                label[j] = max(label[j - 1], exact[j])
+                continue
             prefix = self._try(msgs[:j], tools, False, source) or ""
             if text.startswith(prefix) and prefix:
                 exact[j], label[j] = len(prefix), max(label[j - 1], len(prefix))
@@ -328,8 +352,11 @@ class HFTemplate:
         spans: list[tuple[int, int] | None] = []
         extra, why = None, ""
         for k, a in enumerate(asst):
-            prompt = self._try(msgs[:a], tools, True, source)
-            start, end = (len(prompt) if prompt is not None and text.startswith(prompt) else None), exact[a + 1]
+            if ends is not None:
+                prompt, start, end = None, ends[a, True], exact[a + 1]
+            else:
+                prompt = self._try(msgs[:a], tools, True, source)
+                start, end = (len(prompt) if prompt is not None and text.startswith(prompt) else None), exact[a + 1]
             at = exact[a] if a else label[0]  # where the reply's message starts, when known exactly
             if start is None and at is not None and all(m[0] == "system" for m in msgs[:a]):  # a greeting
                 start = self._greeting_start(msgs[:a], tools, text, at, source)
@@ -344,7 +371,8 @@ class HFTemplate:
                 continue
             stop = start + len(text[start:end].rstrip())
             if with_words:  # closed: the template writes something after the reply's last word
-                lastword = max((e for s, e in slots if start <= s and e <= end), default=start)
+                i = bisect.bisect_right(slot_stop, end) - 1  # the last word ending by `end` (by bisection: long conversations)
+                lastword = slot_stop[i] if i >= 0 and slot_start[i] >= start else start
                 lastword = max(lastword, _arguments_end(text, start, end, msgs[a][2]))  # '"}' is data
                 closed = bool(text[lastword:end].strip())
             else:  # words unknown: closed if the reply ends with an added token
@@ -363,7 +391,6 @@ class HFTemplate:
             raise TemplateError(f"{source}: cannot find the exact span of the final reply: {why}", rule="span_not_found")
         cuts = {0, len(text)} | {p for s, (e, _) in added.items() for p in (s, e)}
         points = sorted(cuts | {p for p in exact if p is not None} | {p for sp in spans if sp for p in sp})
-        slot_start, slot_stop = [a for a, _ in slots], [b for _, b in slots]
         before = [bisect.bisect_right(slot_stop, p) for p in points]  # sentinels ending at or before each point
         if any(i < len(slots) and slot_start[i] < p for p, i in zip(points, before)):
             raise TemplateError(f"{source}: a reply or message boundary falls inside a word", rule="span_not_found")
@@ -444,6 +471,114 @@ class HFTemplate:
         added = self._glue_tokens(longer[len(text):], [])
         return added[0][1] if 0 in added else None
 
+    # -- long conversations: prefix renderings predicted from probes ----------------------------
+    def _prefix_ends(self, msgs: tuple, tools: tuple[str, list | None], text: str,
+                     source: str) -> dict[tuple[int, bool], int] | None:
+        """Where each prefix rendering ends in ``text`` (the shape's whole rendering), found without
+        rendering every prefix: ``(j, False)``: ``len(render(msgs[:j]))`` for ``0 < j < n``;
+        ``(a, True)``: ``len(render(msgs[:a]))`` with the generation prompt, for each reply ``a``.
+        None where some prefix rendering is not a prefix of ``text`` or a check fails: the caller
+        then renders every prefix (the full analysis, which also says what is not prefix-stable).
+
+        A probe for prefix ``j`` is a short conversation: the leading system messages, the latest
+        user message before the window (where the window does not start with one), then the window
+        ``msgs[j-2:j]`` (reaching back over tool results to their call). Its words are renumbered
+        from 0, so probes of windows alike in all but their words are one memoized rendering.
+        What the probe renders from the window's first word on, with the words numbered back, must
+        be in ``text`` from that word on, character for character; the prediction is that the
+        prefix rendering ends where that stretch ends. Where the probe's stretch is not there (the
+        template numbers its messages, writes something at one index, ...), the prefix is rendered.
+
+        Checked, exactly: every probe's stretch against ``text`` (so the window renders the same in
+        the probe and in the whole); every word of ``text`` appears once; no prefix ends after a
+        later message's word or before one of its own messages' words; the prefixes whose window
+        reaches the system messages (the first few) and those not predicted are rendered and must
+        be prefixes of ``text``; the latest prediction of each window pattern (the roles in the
+        window, generation prompt or not) and ``_SPOT_CHECKS`` predictions spread over the
+        conversation are rendered and must equal their prediction. One failure: None.
+        Assumed, for the other prefixes: the template renders the history before the window as it
+        does in the whole rendering (prefix-stable history), and what it writes after the window's
+        first word depends on the window, the system messages and the latest user message only,
+        not on the window's position (a rule such as "after the 150th message, when last" at an
+        index no check renders would go unseen; one that holds from some length on is caught by
+        the latest prediction of each pattern). Cost: one rendering of the whole per check, about
+        one short probe per distinct window, and string comparisons linear in ``text``.
+        """
+        n = len(msgs)
+        found = list(_SLOT.finditer(text))
+        start_of = {int(m.group(1)): m.start() for m in found}
+        if len(start_of) != len(found):  # a word written twice: which copy a probe anchors on is unclear
+            return None
+        end_of = {int(m.group(1)): m.end() for m in found}
+        words = [[int(w) for part in _strings(m) for w in _SLOT.findall(part)] for m in msgs]
+        # A prefix rendering cannot hold a later message's word, and (being a prefix of the whole)
+        # holds every word of its own messages that the whole has before it.
+        own_end, later_start = [-1] * (n + 1), [len(text)] * (n + 1)
+        for j in range(n):
+            own_end[j + 1] = max([own_end[j]] + [end_of[w] for w in words[j] if w in end_of])
+        for j in reversed(range(n)):
+            later_start[j] = min([later_start[j + 1]] + [start_of[w] for w in words[j] if w in start_of])
+        head = 0
+        while head < n and msgs[head][0] == "system":  # a message key starts with its role
+            head += 1
+        latest_user, user = [], None
+        for i, m in enumerate(msgs):
+            latest_user.append(user)
+            user = i if m[0] == "user" else user
+        points = sorted([(j, False) for j in range(1, n)] + [(a, True) for a in range(n) if msgs[a][0] == "assistant"])
+        def real(j: int, gen: bool) -> str | None:  # not memoized: long, and rendered once (unless refused)
+            try:
+                return self._render(_messages(msgs[:j]), tools[1], gen, source)
+            except TemplateError:
+                return None
+
+        ends: dict[tuple[int, bool], int] = {}
+        predicted: list[tuple[int, bool]] = []
+        latest: dict[tuple, tuple[int, bool]] = {}  # per window pattern: its latest prediction
+        for j, gen in points:
+            first = j - _WINDOW
+            while first > head and msgs[first][0] == "tool":
+                first -= 1
+            end = None
+            if first > head:
+                u = latest_user[first]
+                bridge = (msgs[u],) if msgs[first][0] != "user" and u is not None else ()
+                end = self._probe(msgs[:head] + bridge, msgs[first:j], tools, gen, source, text, start_of)
+                if end is not None and not own_end[j] <= end <= later_start[j]:
+                    end = None
+            if end is None:
+                prefix = real(j, gen)
+                if prefix is None or not (prefix or gen) or not text.startswith(prefix):
+                    return None  # not a prefix: the full analysis decides what is exact
+                end = len(prefix)
+            else:
+                predicted.append((j, gen))
+                latest[gen, tuple(m[0] for m in msgs[first:j])] = (j, gen)
+            ends[j, gen] = end
+        spots = predicted[::max(1, -(-len(predicted) // _SPOT_CHECKS))]
+        for j, gen in sorted(set(latest.values()) | set(spots)):
+            prefix = real(j, gen)
+            if prefix is None or len(prefix) != ends[j, gen] or not text.startswith(prefix):
+                return None
+        return ends
+
+    def _probe(self, lead: tuple, window: tuple, tools: tuple[str, list | None], gen: bool, source: str,
+               text: str, start_of: dict[int, int]) -> int | None:
+        """Where the rendering of a prefix ending with ``window`` ends in ``text``, if the probe
+        ``lead + window`` (words renumbered) renders from the window's first word on exactly what
+        ``text`` has from that word on (see :meth:`_prefix_ends`); else None."""
+        local, numbers, base = _renumber(lead, window)  # the lead's words are numbered first: below `base`
+        rendered = self._try(local, tools, gen, source)
+        first = next((m for m in _SLOT.finditer(rendered or "") if int(m.group(1)) >= base), None)
+        if first is None:  # the window renders no word: nothing to anchor on
+            return None
+        try:
+            at = start_of.get(numbers[int(first.group(1))])
+            stretch = _SLOT.sub(lambda m: f"{_OPEN}{numbers[int(m.group(1))]}{_CLOSE}", rendered[first.start():])
+        except IndexError:  # a sentinel the template made up
+            return None
+        return at + len(stretch) if at is not None and text.startswith(stretch, at) else None
+
 
 def _key(conv: Conversation, hide) -> tuple:
     """The messages as a hashable tuple, ``hide`` applied to the words: content, reasoning, ids,
@@ -474,6 +609,38 @@ def _hide_json(value, hide):
     if isinstance(value, list):
         return [_hide_json(v, hide) for v in value]
     return value
+
+
+def _strings(x) -> Iterator[str]:
+    """The strings in a (nested) message key, in order."""
+    if isinstance(x, str):
+        yield x
+    elif isinstance(x, tuple):
+        for y in x:
+            yield from _strings(y)
+
+
+def _renumber(lead: tuple, rest: tuple) -> tuple[tuple, list[int], int]:
+    """The messages ``lead + rest`` with their words renumbered 0, 1, ... in order, each new
+    number's old one, and how many numbers the lead took."""
+    numbers: list[int] = []
+    new: dict[int, int] = {}
+
+    def one(m: re.Match) -> str:
+        old = int(m.group(1))
+        if old not in new:
+            new[old] = len(numbers)
+            numbers.append(old)
+        return f"{_OPEN}{new[old]}{_CLOSE}"
+
+    def walk(x):
+        if isinstance(x, str):
+            return _SLOT.sub(one, x) if _OPEN in x else x
+        return tuple(walk(y) for y in x) if isinstance(x, tuple) else x
+
+    first = walk(lead)
+    base = len(numbers)
+    return first + walk(rest), numbers, base
 
 
 def _messages(key: tuple) -> list[dict]:
