@@ -22,7 +22,12 @@ import sys
 import warnings
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from turntune.errors import TurntuneError
+
+if TYPE_CHECKING:
+    from turntune.config import Config
 
 EXIT_INVALID, EXIT_ERROR = 1, 2
 
@@ -86,7 +91,7 @@ def add_encoding_args(s: argparse.ArgumentParser, *, model: bool = True, strateg
     s.add_argument("--max-length", type=int, help="data.max_length")
 
 
-def config_from_args(a):
+def config_from_args(a: argparse.Namespace) -> "Config":
     """The run's config as a command sees it: ``--config`` (or the defaults), its dotted
     overrides, then the command's own flags."""
     import dataclasses
