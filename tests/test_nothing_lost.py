@@ -348,3 +348,16 @@ def test_validate_with_a_model_reports_what_the_template_refuses(tmp_path, toy_d
     assert "LOST 1 of 2 conversations (skipped: not_rendered 1)" in out
     assert main(["encode", str(p), "--model", str(toy_dir)]) == 2
     assert f"{p}:2: turn 2: the native GLM-4 format" in capsys.readouterr().err
+
+
+def test_train_stops_before_training_when_most_replies_are_lost(tmp_path, capsys):
+    from pathlib import Path
+
+    from turntune.cli import main
+
+    config = Path(__file__).resolve().parents[1] / "examples" / "glm4-tiny.yaml"
+    code = main(["train", str(config), "--data.max_length=24", f"--train.output_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "data.max_lost_share=0.1: this run would lose" in err and "raise data.max_length" in err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() or "step" not in (tmp_path / "run" / "metrics.jsonl").read_text()
