@@ -11,7 +11,10 @@ token the assistant turn whose target it is). The strategies then only *slice* t
 - ``full``: every token trained, user turns too (for comparison; warns).
 
 Where slicing would not be exact, the conversation is rendered again: conversations whose
-rendering is not prefix-stable are expanded for real, and conversations longer than
+rendering is not prefix-stable (templates that drop earlier reasoning) are rendered per reply and
+those samples merged into a token tree (``tree.py``; one sequence, the shared history once, each
+reply with its reasoning a branch), or expanded for real with ``tree=False`` or where a tree cannot
+be exact; conversations longer than
 ``max_length`` become windows of whole rounds (``all``) or lose their oldest rounds of history
 (``expand``/``last``). Every such event is counted in an :class:`EncodeReport`.
 """
@@ -31,6 +34,7 @@ from turntune.conversation import Conversation
 from turntune.errors import ConfigError, TurntuneError
 from turntune.example import Example
 from turntune.templates.base import Rendered, Template
+from turntune.tree import trees_of
 
 Strategy = Literal["all", "expand", "last", "full"]
 Weighting = Literal["token", "turn", "sample"]
@@ -76,7 +80,11 @@ class EncodeReport:
     replies_cut: int = 0  # cut at max_length because the user asked for it
     windows: int = 0  # sequences made by splitting long conversations (all), beyond the first
     history_rounds_dropped: int = 0  # expand/last: oldest whole rounds dropped to fit
-    not_prefix_stable: int = 0  # conversations expanded for real because slicing is not exact
+    not_prefix_stable: int = 0  # conversations rendered per reply because slicing is not exact
+    trees: int = 0  # of those, conversations laid out as token trees (tree.py)
+    tree_fallbacks: int = 0  # of those, expanded for real because a tree could not be exact
+    tree_tokens: int = 0  # tokens of those trees
+    tree_expanded_tokens: int = 0  # tokens the same samples take expanded for real
     conversations_without_labels: int = 0
     tokens: int = 0
     trained_tokens: int = 0
@@ -105,7 +113,10 @@ class EncodeReport:
             f" cut {self.replies_cut}; reply tokens trained {share:.1%}",
             f"history: rounds dropped {self.history_rounds_dropped}; tokens seen per reply median {med:.0f},"
             f" p10 {p10}",
-            f"not prefix-stable (expanded for real) {self.not_prefix_stable};"
+            f"not prefix-stable {self.not_prefix_stable}: as token trees {self.trees}"
+            f" ({self.tree_tokens:,} tokens vs {self.tree_expanded_tokens:,} expanded,"
+            f" {self.tree_tokens / max(self.tree_expanded_tokens, 1):.2f}x), expanded for real"
+            f" {self.not_prefix_stable - self.trees} (tree not exact {self.tree_fallbacks});"
             f" conversations with nothing to train {self.conversations_without_labels}",
         ]
         return "\n".join(lines)
@@ -119,6 +130,7 @@ class EncodeOptions:
     max_length: int | None = None
     cut_long_replies: bool = False
     history_fraction: float = 0.3
+    tree: bool = True  # not prefix-stable: one token tree per conversation (False: expand for real)
 
     def __post_init__(self) -> None:
         check_choice("strategy", self.strategy, STRATEGIES)
@@ -247,6 +259,8 @@ class _Encoder:
         elif not r.prefix_stable and s != "last":
             rep.not_prefix_stable += 1
             exs = [e for k in range(self.n) if (e := self._for_turn(k)) is not None]
+            if self.o.tree:
+                exs = self._trees(exs)
         elif s == "expand":
             exs = [e for k in range(self.n) if (e := self._for_turn(k)) is not None]
         elif s == "last":
@@ -307,6 +321,31 @@ class _Encoder:
                 local = k - t0
                 return self._make(sub, sub.turn_end[local], {local}, t0, keep)
         return None
+
+    def _trees(self, samples: list[Example]) -> list[Example]:
+        """The expanded samples merged into token trees of at most max_length (``tree.py``); the
+        samples themselves where a tree cannot be exact (counted) or saves nothing."""
+        tries = trees_of(samples, self.o.max_length)
+        if tries is None:
+            self.report.tree_fallbacks += 1
+            return samples
+        if len(tries) == len(samples):  # one sample per tree: nothing shared
+            return samples
+        rep = self.report
+        rep.trees += 1
+        rep.tree_tokens += sum(t.size for t in tries)
+        rep.tree_expanded_tokens += sum(t.sample_tokens for t in tries)
+        return [t.layout(self.conv.source, self.n) if t.samples > 1 else s
+                for t, s in zip(tries, self._firsts(tries, samples))]
+
+    @staticmethod
+    def _firsts(tries, samples: list[Example]) -> list[Example]:
+        """Each trie's first sample (the sample itself stands for a trie of one)."""
+        out, at = [], 0
+        for t in tries:
+            out.append(samples[at])
+            at += t.samples
+        return out
 
     def _windows(self) -> list[Example]:
         """Split a conversation longer than max_length into windows of whole rounds.
