@@ -1,7 +1,7 @@
 """Token trees vs real expansion on reasoning conversations (DESIGN.md §8), in one run.
 
     .venv/bin/python bench/bench_tree.py            # ~3 min on 2 loaded CPU cores
-    .venv/bin/python bench/bench_tree.py --n 8 --steps 1
+    .venv/bin/python bench/bench_tree.py --n 4 --steps 1 --max-length 4096
 
 Data: generated conversations of 1-8 rounds; every reply carries reasoning of 200-2,000 tokens
 (about 150-1,500 words) and a short answer; about a third of them hold a tool loop (1-3 calls with
@@ -15,7 +15,7 @@ Printed per template:
 - per-token losses: the bench asserts that every trained token's loss in the trees (several per
   packed row) equals its loss in its expanded sample (float64 tiny GLM, 1e-9);
 - step time: forward + backward of ``batch_loss`` per conversation, trees vs expanded samples
-  (each conversation one micro-batch: its trees in one row, or its samples padded), a random GLM in
+  (each conversation one micro-batch: its trees, or its samples, padded), a random GLM in
   float32 with sdpa, same loss asserted (relative 1e-5).
 """
 from __future__ import annotations
@@ -76,10 +76,16 @@ def unique_tokens(template: HFTemplate, convs: list[Conversation], expanded) -> 
 
 
 def per_token(model, batch) -> torch.Tensor:
+    """(rows, T-1) float64 loss of predicting token t+1 at t, only where token t+1 is labelled (0
+    elsewhere): the head runs on those positions alone (a 151k vocab on 10k positions is 12 GB)."""
     with torch.no_grad():
-        logits = model(**model_inputs(batch, block_mask_dtype=torch.float64)).logits
-    logp = torch.log_softmax(logits, -1)
-    return -logp[:, :-1].gather(2, batch.input_ids[:, 1:, None]).squeeze(2)
+        inputs = model_inputs(batch, block_mask_dtype=torch.float64)
+        hidden = model.get_decoder()(**inputs).last_hidden_state[:, :-1]
+        keep = batch.labels[:, 1:] != IGNORE_INDEX
+        logp = torch.log_softmax(model.get_output_embeddings()(hidden[keep]), -1)
+        out = torch.zeros(keep.shape, dtype=torch.float64)
+        out[keep] = -logp.gather(1, batch.input_ids[:, 1:][keep][:, None]).squeeze(1)
+    return out
 
 
 def check_losses(model, trees, expanded) -> int:
@@ -93,8 +99,14 @@ def check_losses(model, trees, expanded) -> int:
                 seen[e.turn[i]] = seen.get(e.turn[i], -1) + 1
                 want[(e.source, e.turn[i], seen[e.turn[i]])] = float(got[i - 1])
     checked = 0
-    for at in range(0, len(trees), 3):
-        row = trees[at:at + 3]
+    rows, row = [], []
+    for e in trees:  # up to 3 per row, within 2 x the longest
+        if row and (len(row) == 3 or sum(map(len, row)) + len(e) > 2 * max(map(len, trees))):
+            rows.append(row)
+            row = []
+        row.append(e)
+    rows.append(row)
+    for row in rows:
         got = per_token(model, rows_batch([row], pad_id=0))[0]
         off, seen = 0, {}
         for e in row:
@@ -130,6 +142,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=12, help="conversations per template")
     ap.add_argument("--steps", type=int, default=2, help="timed passes (the best is kept)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-length", type=int, default=4096,
+                    help="tree (and sample) size cap: a tree row is attended with a dense T x T mask on CPU "
+                         "(a 10k-token tree took 22 GB in float64 and was killed)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     base = AutoTokenizer.from_pretrained(assets.glm4_tokenizer_dir())
@@ -144,10 +159,10 @@ def main() -> None:
         tok = tokenizer_for(base, family)
         t = HFTemplate(tok, chat_template=template_source(family))
         t0 = time.perf_counter()
-        expanded = encode_conversations(convs, t, EncodeOptions("all", "turn", tree=False))
+        expanded = encode_conversations(convs, t, EncodeOptions("all", "turn", max_length=a.max_length, tree=False))
         t1 = time.perf_counter()
         rep = EncodeReport()
-        trees = encode_conversations(convs, t, EncodeOptions("all", "turn"), report=rep)
+        trees = encode_conversations(convs, t, EncodeOptions("all", "turn", max_length=a.max_length), report=rep)
         t2 = time.perf_counter()
         uniq = unique_tokens(t, convs, expanded)
         n_tree, n_exp = sum(map(len, trees)), sum(map(len, expanded))
@@ -157,7 +172,7 @@ def main() -> None:
         print(f"encode: expanded {t1 - t0:.2f} s, trees {t2 - t1:.2f} s")
         checked = check_losses(exact, trees, expanded)
         print(f"per-token losses equal to real expansion (float64, 1e-9): {checked:,} tokens checked")
-        by_conv_t = [rows_batch([[e for e in trees if e.source == c.source]], pad_id=0) for c in convs]
+        by_conv_t = [rows_batch([[e] for e in trees if e.source == c.source], pad_id=0) for c in convs]
         by_conv_e = [pad_batch([e for e in expanded if e.source == c.source], pad_id=0) for c in convs]
         te, le = step_time(timed, by_conv_e, a.steps)
         tt, lt = step_time(timed, by_conv_t, a.steps)
