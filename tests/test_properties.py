@@ -366,10 +366,12 @@ def hf_property(template, tokenizer, scratch) -> Counter:
     return checked
 
 
-# With the fixed draw 50 of the 120 cases give examples and 56 replies are compared (the rest are
-# invalid records, or options other than all without max_length); the floors, half of that, leave
-# room for rule changes that refuse a few more, not for a template that refuses everything.
-HF_FLOORS = {"cases encoded": 25, "replies compared": 28}
+# With the fixed draw 20 of the 120 cases give examples and 15 replies are compared (the rest are
+# invalid records, options other than all without max_length, or conversations with tool calls or
+# reasoning, which SmolLM2's own template does not render and so refuses: not_rendered). The floors,
+# half of that, leave room for rule changes that refuse a few more, not for a template that refuses
+# everything.
+HF_FLOORS = {"cases encoded": 10, "replies compared": 7}
 
 
 @pytest.mark.filterwarnings("ignore:strategy 'full' trains on user")
