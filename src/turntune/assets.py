@@ -26,11 +26,10 @@ from pathlib import Path
 from typing import Literal
 
 from turntune.errors import TurntuneError
+from turntune.templates.glm4 import SPECIAL as GLM4_FORMAT_IDS
 
-GLM4_SPECIAL_IDS: dict[str, int] = {
-    "<|endoftext|>": 151329, "[MASK]": 151330, "[gMASK]": 151331, "[sMASK]": 151332,
-    "<sop>": 151333, "<eop>": 151334, "<|system|>": 151335, "<|user|>": 151336,
-    "<|assistant|>": 151337, "<|observation|>": 151338, "<|begin_of_image|>": 151339,
+GLM4_SPECIAL_IDS: dict[str, int] = {  # the chat format's ids are defined once, in templates/glm4.py
+    **GLM4_FORMAT_IDS, "<|begin_of_image|>": 151339,
     "<|end_of_image|>": 151340, "<|begin_of_video|>": 151341, "<|end_of_video|>": 151342,
 }
 GLM4_MODEL_VOCAB = 151552  # glm-4-9b-chat pads its embedding matrix to this size

@@ -54,7 +54,7 @@ class ModelConfig:
     attn_implementation: Literal["sdpa_varlen", "sdpa", "eager", "flash_attention_2"] = "sdpa_varlen"
     """Attention kernel; packing is exact with each (use_cache=False, see DESIGN.md §4).
     ``sdpa_varlen`` (turntune's, any device) runs sdpa once per packed example, skipping the work
-    across examples (1.12-1.17x the training throughput of ``sdpa`` on SmolLM2, bench/README.md);
+    across examples (faster than ``sdpa`` on packed rows: bench/README.md, training);
     ``sdpa`` and ``eager`` attend over a whole packed row under a block-diagonal mask;
     ``flash_attention_2`` (a GPU with the flash-attn package) gets the same example boundaries
     for its variable-length kernel."""

@@ -320,7 +320,7 @@ def encode_conversations(
     A conversation the template cannot encode exactly raises a :class:`DataError` naming its
     source and rule (``on_invalid="error"``), or is skipped and counted in ``report.skipped``
     (``"skip"``). Why 4096: each batch call wakes the tokenizer's thread pool, and its threads burn
-    CPU before going back to sleep; 4 calls of 512 took 15-20% more tokenizer CPU than 1 call of 2,000.
+    CPU before going back to sleep, so fewer, larger calls cost less (bench/README.md, encoding).
     """
     check_choice("on_invalid", on_invalid, ("error", "skip"))
     if options.strategy == "full":  # Python's default filter shows it once per call site
