@@ -1,7 +1,7 @@
 """The command line. The only place that turns exceptions into exit codes.
 
     turntune validate DATA                 check records, report by rule (exit 1 if invalid, 2 if unreadable or empty)
-    turntune encode DATA --model PATH      what encoding does to the data
+    turntune encode DATA --model PATH      what encoding does to the data (and cache it; --output DIR)
     turntune train CONFIG [--s.k=v ...]    fine-tune (also under torchrun: python -m turntune train)
     turntune eval MODEL DATA               loss per turn and kind of reply
     turntune inspect / audit DATA          which tokens are trained
@@ -51,22 +51,29 @@ def _encoder(a):
     from turntune.models import load_tokenizer
 
     tok = load_tokenizer(a.model)
-    tmpl = resolve_template(tok, a.template)
+    chat_template = Path(a.chat_template).read_text(encoding="utf-8") if getattr(a, "chat_template", None) else None
+    tmpl = resolve_template(tok, a.template, chat_template)
     return tok, tmpl, EncodeOptions(a.strategy, a.weighting, a.max_length)
 
 
 def _encode(a) -> int:
-    from turntune.data import load_conversations
-    from turntune.encode import EncodeReport, encode_conversations
+    """Streams the file through the encoded-data cache (or into ``--output``): what ``train``
+    with the same settings reads without encoding again."""
+    from turntune.dataset import cached_encode, write_encoded
     from turntune.models import check_model_folder
 
     check_model_folder(a.model)  # a damaged folder is named before the data is read
-    res = load_conversations(a.data, format=a.format, on_invalid=a.on_invalid)
-    print(res.report.summary())
     _, tmpl, opts = _encoder(a)
-    rep = EncodeReport()
-    encode_conversations(res.conversations, tmpl, opts, report=rep, on_invalid=a.on_invalid)
+    if a.output:
+        data = write_encoded(a.data, tmpl, opts, a.output, format=a.format, on_invalid=a.on_invalid,
+                             num_proc=a.num_proc)
+    else:
+        data = cached_encode(a.data, tmpl, opts, format=a.format, on_invalid=a.on_invalid, num_proc=a.num_proc).data
+    size = sum(f.stat().st_size for f in data.folder.iterdir())
+    print(f"encoded data: {data.folder} ({size / 2**20:,.1f} MiB, {size / max(data.n_tokens, 1):.1f} bytes per token)")
+    print(data.data_report.summary())
     print(f"template {tmpl.name}, strategy {opts.strategy}, weighting {opts.weighting}, max_length {opts.max_length}")
+    rep = data.encode_report
     print(rep.summary())
     return 0 if rep.examples else EXIT_INVALID
 
@@ -186,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default="builtin:smollm2")
     data_args(s)
     enc_args(s)
+    s.add_argument("--chat-template", help="a Jinja file to use instead of the tokenizer's chat_template")
+    s.add_argument("--output", help="write the encoded data to this folder (train takes it as data.train); "
+                   "default: the cache that train reads")
+    s.add_argument("--num-proc", type=int, default=None, help="encoding processes (default: every core)")
     s = sub.add_parser("train", help="fine-tune; extra --section.key=value arguments override the config")
     s.add_argument("config", nargs="?")
     s.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")

@@ -100,7 +100,13 @@ def tokenizer_digest(tokenizer) -> str:
 def encode_inputs(path: str | Path, template, options: EncodeOptions, *, format: str = "auto",
                   on_invalid: str = "error") -> dict:
     """Everything that changes the encoded result, as JSON-able values (see the module doc)."""
-    return {"encoding_version": ENCODING_VERSION, "data": file_digest(Path(path)), "path": str(path),
+    name = read_chunks(path).name  # a missing path is named here, as reading would name it
+    try:
+        digest = file_digest(Path(path))
+    except OSError as e:
+        raise DataError(f"cannot read the file: {e.strerror or e} (check that you may read it)", source=name,
+                        rule="unreadable_file") from None
+    return {"encoding_version": ENCODING_VERSION, "data": digest, "path": str(path),
             "tokenizer": tokenizer_digest(template.tokenizer), "template": template.name,
             "chat_template": getattr(template, "source", None), "options": dataclasses.asdict(options),
             "format": format, "on_invalid": on_invalid}
@@ -357,6 +363,9 @@ def write_encoded(path: str | Path, template, options: EncodeOptions, out: str |
     >>> print(data.encode_report.summary()); data[0].labels                            # doctest: +SKIP
     """
     out = Path(out)
+    if out.exists() and not (is_encoded_folder(out) or (out.is_dir() and not any(out.iterdir()))):
+        raise ConfigError(f"--output {out}: exists and is not encoded data; give a new folder (it is replaced "
+                          "only when it holds encoded data)")
     inputs = inputs or encode_inputs(path, template, options, format=format, on_invalid=on_invalid)
     num_proc = num_proc or len(os.sched_getaffinity(0))
     chunks = read_chunks(path, CHUNK)
@@ -392,7 +401,7 @@ def write_encoded(path: str | Path, template, options: EncodeOptions, out: str |
         _fsync_write(tmp / META, json.dumps(meta, indent=1, sort_keys=True))
         _fsync_write(tmp / MARKER, fingerprint(inputs) + "\n")  # last: its presence means complete
         _fsync_dir(tmp)
-        if out.exists():  # an incomplete or stale folder where ours goes
+        if out.exists():  # encoded data (stale or incomplete) or an empty folder, checked above
             shutil.rmtree(out)
         os.rename(tmp, out)
         _fsync_dir(out.parent)
@@ -412,7 +421,8 @@ class Loaded:
 
 
 def is_encoded_folder(path: str | Path) -> bool:
-    return Path(path).is_dir() and (Path(path) / META).is_file()
+    """A folder written by :func:`write_encoded` (complete or not)."""
+    return Path(path).is_dir() and ((Path(path) / META).is_file() or (Path(path) / MARKER).is_file())
 
 
 def cached_encode(path: str | Path, template, options: EncodeOptions, *, format: str = "auto",
