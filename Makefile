@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 demo: install
-	$(VENV)/bin/turntune demo --config examples/smollm2-lora.yaml
+	$(VENV)/bin/turntune demo
 
 test: install
 	$(PY) -m pytest

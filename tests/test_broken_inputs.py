@@ -320,11 +320,16 @@ def test_cli_validate_document_and_missing_file(corpus, tmp_path, capsys):
     assert capsys.readouterr().err == f"turntune: error: {tmp_path / 'nope.jsonl'}: no such file (check the path)\n"
 
 
+WEIGHTING_VIEW = "weighting token: share of the trained tokens -> share of the loss"
+
+
 def test_cli_encode_with_a_tiny_max_length_reports_replies_lost(corpus, toy_dir, capsys):
     path = corpus["all_replies_too_long.jsonl"]
     assert main(["encode", str(path), "--model", str(toy_dir), "--max-length", "64"]) == 1  # nothing to train
     out = capsys.readouterr().out.splitlines()
-    assert out[-5:] == [
+    end = out.index(WEIGHTING_VIEW)  # the report, then where the loss goes (nowhere: no example)
+    assert out[end:] == [WEIGHTING_VIEW]
+    assert out[end - 5:end] == [
         "conversations 1  ->  examples 0 (extra windows 0)",
         "tokens 0  trained 0 (0.0% of tokens)",
         "replies 2: trained 0, lost (too long) 2, cut 0; reply tokens trained 0.0%",
@@ -426,7 +431,10 @@ def test_a_process_never_prints_a_traceback(process_runs, name, command):
     else:
         assert err == ""
     if (name, command) == ("huge_content.jsonl", "encode"):  # the 1 MB reply is lost, and counted
-        assert out.splitlines()[-5:] == [
+        lines = out.splitlines()
+        end = lines.index(WEIGHTING_VIEW)  # the report, then where the loss goes
+        assert lines[end + 1:] == ["  reply 2      100.0% -> 100.0%   1 reply", "  answer       100.0% -> 100.0%   1 reply"]
+        assert lines[end - 5:end] == [
             "conversations 1  ->  examples 1 (extra windows 0)",
             # [gMASK]<sop><|user|>\nAnd briefly?<|assistant|>\nYes.<|user|>: 23 tokens, the last 6 trained
             "tokens 23  trained 6 (26.1% of tokens)",

@@ -206,7 +206,18 @@ class Unstable:
 
 
 def test_not_prefix_stable_is_expanded_for_real(tmpl):
-    exs, rep = run(TWO, Unstable(tmpl))
+    exs, rep = run(TWO, Unstable(tmpl), tree=False)
     ref, _ = run(TWO, tmpl, strategy="expand")
     assert [(e.input_ids, e.labels, e.turn) for e in exs] == [(e.input_ids, e.labels, e.turn) for e in ref]
-    assert rep.not_prefix_stable == 1
+    assert rep.not_prefix_stable == 1 and rep.trees == 0
+
+
+def test_not_prefix_stable_samples_that_are_prefixes_make_a_tree_without_branches(tmpl):
+    # each sample is a prefix of the next (the Unstable wrapper only claims otherwise): the tree is
+    # the one-pass sequence, with its positions and a causal mask
+    exs, rep = run(TWO, Unstable(tmpl))
+    (one,), _ = run(TWO, tmpl)
+    (tree,) = exs
+    assert (tree.input_ids, tree.labels, tree.turn) == (one.input_ids, one.labels, one.turn)
+    assert tree.position_ids == list(range(len(one))) and tree.tree_end == [len(one)] * len(one)
+    assert rep.not_prefix_stable == rep.trees == 1 and rep.tree_tokens == len(one) < rep.tree_expanded_tokens

@@ -48,7 +48,8 @@ def compared(tiny_glm_path, other_model, data, tmp_path_factory):
     out = tmp_path_factory.mktemp("evalout") / "eval.json"
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        code = main(["eval", str(tiny_glm_path), str(data), "--compare", str(other_model), "--json", str(out)])
+        code = main(["eval", str(tiny_glm_path), str(data), "--compare", str(other_model), "--json", str(out),
+                     "--train.autocast=fp32"])  # the reference below computes in float32
     return code, buf.getvalue(), json.loads(out.read_text())
 
 
@@ -59,7 +60,7 @@ def reference(model_dir: Path, tokenizer, data: Path) -> dict:
     convs = load_conversations(data).conversations
     kinds = {(c.source, k): "tool_call" if c.messages[i].tool_calls else "answer"
              for c in convs for k, i in enumerate(c.assistant_indices)}
-    exs = encode_conversations(convs, resolve_template(tokenizer), EncodeOptions("all", max_length=2048))
+    exs = encode_conversations(convs, resolve_template(tokenizer), EncodeOptions("all", max_length=1024))
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     sums: dict[str, list[float]] = {}
     with torch.no_grad():
@@ -80,20 +81,25 @@ def reference(model_dir: Path, tokenizer, data: Path) -> dict:
 
 @pytest.mark.slow
 def test_eval_compare_writes_both_models(compared, tiny_glm_path, other_model):
-    code, table, res = compared
+    code, text, res = compared
     assert code == 0
-    assert len(res) == 2, f"one model's figures overwrote the other's: keys {list(res)}"
-    # the two folders have the same name: each is named by the path parts that tell them apart
-    assert list(res) == ["/".join(tiny_glm_path.parts[-2:]), "/".join(other_model.parts[-2:])]
+    # keyed by role: the two folders have the same name, and a name says nothing of which is tuned
+    assert list(res) == ["tuned", "base"], f"one model's figures overwrote the other's: keys {list(res)}"
+    assert (res["tuned"]["model"], res["base"]["model"]) == (str(tiny_glm_path), str(other_model))
     first, second = res.values()
     for r in (first, second):
-        assert set(r) == {"loss", "perplexity", "tokens", "per_turn", "per_kind"}
+        assert set(r) == {"model", "loss", "perplexity", "tokens", "precision", "per_turn", "per_kind"}
+        assert r["precision"] == "fp32"
         assert math.isfinite(r["loss"]) and r["perplexity"] == pytest.approx(math.exp(r["loss"]))
         assert sum(v["tokens"] for v in r["per_turn"].values()) == r["tokens"]
         assert sum(v["tokens"] for v in r["per_kind"].values()) == r["tokens"]
         assert set(r["per_kind"]) == {"answer", "tool_call"}
     assert first["tokens"] == second["tokens"] and first["loss"] != second["loss"]
-    head, *rows = table.splitlines()
+    lines = text.splitlines()
+    assert f"tuned: {tiny_glm_path}" in lines and f"base: {other_model}" in lines
+    assert "precision: fp32 (train.autocast=fp32)" in lines
+    at = next(i for i, line in enumerate(lines) if line.split() == ["tuned", "base", "tokens"])
+    rows = lines[at + 1:]
     assert [r.split()[0] for r in rows] == ["all", *["reply"] * len(first["per_turn"]), "answer", "tool_call"]
     assert rows[0].split()[2:] == [f"{first['loss']:.4f}", f"{second['loss']:.4f}", str(first["tokens"])]
 

@@ -94,7 +94,9 @@ def test_the_cli_takes_a_repo_id(tiny_llama_path, tmp_path):
     run = subprocess.run([sys.executable, "-m", "turntune", "encode", str(data), "--model", "acme/tiny-chat"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
-    assert "template hf, strategy all" in run.stdout
+    # the settings line names where the chat template came from: the snapshot in the Hub cache
+    assert f"template hf (chat_template of {cache}/models--acme--tiny-chat/snapshots/" in run.stdout
+    assert "), strategy all, weighting token, max_length 1024" in run.stdout
 
 
 def test_the_cli_names_a_repo_id_it_cannot_find(offline_hub, tmp_path, capsys):

@@ -348,3 +348,45 @@ def test_validate_with_a_model_reports_what_the_template_refuses(tmp_path, toy_d
     assert "LOST 1 of 2 conversations (skipped: not_rendered 1)" in out
     assert main(["encode", str(p), "--model", str(toy_dir)]) == 2
     assert f"{p}:2: turn 2: the native GLM-4 format" in capsys.readouterr().err
+
+
+def test_train_stops_before_training_when_most_replies_are_lost(tmp_path, capsys):
+    from pathlib import Path
+
+    from turntune.cli import main
+
+    config = Path(__file__).resolve().parents[1] / "examples" / "glm4-tiny.yaml"
+    code = main(["train", str(config), "--data.max_length=24", f"--train.output_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "data.max_lost_share=0.1: this run would lose" in err and "raise data.max_length" in err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() or "step" not in (tmp_path / "run" / "metrics.jsonl").read_text()
+
+
+def test_auto_picks_the_tokenizers_own_template_for_a_thinking_glm_tokenizer():
+    template = ("{% for m in messages %}<|{{ m.role }}|>\n{% if m.reasoning_content %}<think>{{ m.reasoning_content }}"
+                "</think>{% endif %}{{ m.content }}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    plain = toy_tokenizer(template)
+    assert resolve_template(plain).name == "glm4"  # glm-4-9b-chat: GLM-4's tokens, no reasoning tokens
+    thinking = toy_tokenizer(template)
+    thinking.add_tokens(["<think>", "</think>"])
+    assert resolve_template(thinking).name == "hf"  # GLM-4.5-style: its own template renders reasoning
+    assert resolve_template(thinking, "glm4").name == "glm4"  # asked for by name: still there
+
+
+def test_reply_tokens_trained_never_exceed_the_reply_tokens_when_history_is_rewritten():
+    # earlier reasoning is dropped from history (Qwen3 / GLM-4.5 style): each reply is longer as its own sample
+    template = ("{% set last = messages | selectattr('role', 'equalto', 'user') | list | last %}"
+                "{% for m in messages %}{% if m.role == 'user' %}<|user|>{{ m.content }}{% else %}<|assistant|>"
+                "{% if m.reasoning_content and loop.index0 > messages.index(last) %}<think>{{ m.reasoning_content }}"
+                "</think>{% endif %}{{ m.content }}<|endoftext|>{% endif %}{% endfor %}"
+                "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    tmpl = HFTemplate(toy_tokenizer(template))
+    c = parse_record({"messages": [u("a"), a("one", reasoning_content="think 1"), u("b"),
+                                   a("two", reasoning_content="think 2")]}, "q:1")
+    for tree in (True, False):
+        rep = EncodeReport()
+        encode_conversations([c], tmpl, EncodeOptions(tree=tree), report=rep)
+        assert rep.not_prefix_stable == 1
+        own = sum(len(f"<think>think {i}</think>{w}") + 1 for i, w in ((1, "one"), (2, "two")))  # + <|endoftext|>
+        assert rep.reply_tokens_trained == rep.reply_tokens == own

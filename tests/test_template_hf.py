@@ -474,7 +474,7 @@ def test_qwen3_is_detected_not_prefix_stable(qwen3):
     # rendered on its own, each reply is exact: that is what the encoder trains
     first = t.render(Conversation(THINK.messages[:3], source="x"))
     assert first.prefix_stable and trained(qwen3, first) == ["<think>\nr1\n</think>\n\nA1<|im_end|>"]
-    exs = encode_conversations([THINK], t, EncodeOptions(strategy="all"))
+    exs = encode_conversations([THINK], t, EncodeOptions(strategy="all", tree=False))  # expanded for real
     assert [text_of(qwen3, [x for x, lab in zip(e.input_ids, e.labels) if lab != -100]) for e in exs] == \
         ["<think>\nr1\n</think>\n\nA1<|im_end|>", "<think>\nr2\n</think>\n\nA2<|im_end|>"]
 

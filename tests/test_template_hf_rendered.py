@@ -160,7 +160,7 @@ def test_reasoning_content_is_rendered_and_trained(tok, smollm2_tokenizer):
     # history loses its reasoning (Qwen3): each reply is trained with its own, rendered on its own
     two = chat(U("Q1"), A("A1", reasoning="R1"), U("Q2"), A("A2", reasoning="\nR2\n"))
     assert not t.render(two).prefix_stable
-    assert labelled(tok, encode_conversations([two], t, EncodeOptions("all"))) == \
+    assert labelled(tok, encode_conversations([two], t, EncodeOptions("all", tree=False))) == \
         ["<think>\nR1\n</think>\n\nA1<|im_end|>", "<think>\nR2\n</think>\n\nA2<|im_end|>"]
 
 
@@ -187,7 +187,7 @@ def test_tojson_template_renders_the_arguments_as_an_object(tok):
     call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}\n</tool_call>'
     assert text_of(tok, r.input_ids) == hf_text(tok, TOOL_CHAT, QWEN3) and not r.prefix_stable
     assert call in text_of(tok, r.input_ids)
-    assert labelled(tok, encode_conversations([TOOL_CHAT], t, EncodeOptions("all"))) == \
+    assert labelled(tok, encode_conversations([TOOL_CHAT], t, EncodeOptions("all", tree=False))) == \
         ["<think>\n\n</think>\n\n\n" + call + "<|im_end|>", "<think>\n\n</think>\n\nIt is 18 C.<|im_end|>"]
     t = HFTemplate(tok, chat_template=TOJSON)
     assert trained(tok, t.render(TOOL_CHAT))[0] == \

@@ -8,25 +8,27 @@ import torch
 from turntune.conversation import Conversation, Message
 
 
-def load_for_chat(model_dir: str | Path, adapter: str | Path | None = None, *, trust_remote_code: bool = False):
-    """A model folder (or a trained run's ``final`` adapter folder with its base) ready to generate."""
-    import json
+def load_for_chat(model_dir: str | Path, adapter: str | Path | None = None, *, trust_remote_code: bool = False,
+                  dtype: str = "float32", attn_implementation: str = "sdpa_varlen"):
+    """A model folder (or a trained run's ``final`` adapter folder with its base) ready to generate.
 
+    The tokenizer comes from the adapter folder where it has one (a run's result carries the chat
+    template it was trained with), else from the model.
+    """
     from turntune.models import load_model, load_tokenizer, resolve_path
+    from turntune.recipes import adapter_base, has_tokenizer, tokenizer_folder
 
     folder = Path(str(model_dir)).expanduser()
-    if adapter is None and (folder / "adapter_config.json").is_file():
-        # A LoRA result (a run's final/ folder): the adapter, with its base model named inside.
-        adapter = folder
-        meta = folder / "turntune.json"
-        base_name = (json.loads(meta.read_text())["base_model"] if meta.is_file()
-                     else json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"])
-        base = resolve_path(base_name)
-        path = folder
+    base_name = adapter_base(folder) if adapter is None and folder.is_dir() else None
+    if base_name is not None:  # a LoRA result (a run's final/ folder): the adapter, with its base named inside
+        adapter, base = folder, resolve_path(base_name)
     else:
-        path = base = resolve_path(str(model_dir))
-    tokenizer = load_tokenizer(path if (path / "tokenizer_config.json").is_file() else base)
-    model = load_model(base, trust_remote_code=trust_remote_code)
+        base = resolve_path(str(model_dir))
+    own = adapter is not None and has_tokenizer(Path(str(adapter)).expanduser())
+    tokenizer = load_tokenizer(Path(str(adapter)).expanduser() if own else tokenizer_folder(base),
+                               trust_remote_code=trust_remote_code)
+    model = load_model(base, dtype=dtype, attn_implementation=attn_implementation,
+                       trust_remote_code=trust_remote_code)
     if adapter is not None:
         from peft import PeftModel
 

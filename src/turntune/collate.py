@@ -23,6 +23,14 @@ The label rule: the first token of every example never has a label. HF-style mod
 be predicted from whatever precedes it in the row: the end of the previous packed example, or a
 left pad. Unpacked and right-padded, the shift drops it anyway, so clearing it everywhere makes
 every layout train exactly the same tokens with the same weights.
+
+Token trees (``tree.py``, DESIGN.md §8): an example with ``tree_end`` brings its own
+``position_ids`` (depths, not 0..n) and attention (token q sees k iff ``k <= q < tree_end[k]``).
+A batch holding one gets ``Batch.tree_end`` for every position (plain examples and pad runs:
+causal within themselves), and ``model_inputs`` hands the model that mask explicitly: a 4-D float
+additive mask for sdpa/eager (``tree_mask``), a flex-attention block mask on GPU
+(``tree_block_mask``). Position ids alone cannot say it, and ``varlen`` boundaries would make a
+branch attend to the end of the trunk, so tree batches never take those paths.
 """
 from __future__ import annotations
 
@@ -51,6 +59,11 @@ class Batch:
     attention_mask: torch.Tensor | None  # long, 1 = real token; None when packed
     position_ids: torch.Tensor | None  # long, restarting at 0 per example
     seq_lens: list[list[int]]  # per row, the lengths of its examples in order (pads excluded)
+    tree_end: torch.Tensor | None = None  # long (rows, T), only when the batch holds a token tree
+
+    @property
+    def is_tree(self) -> bool:
+        return self.tree_end is not None
 
     @property
     def packed(self) -> bool:
@@ -122,8 +135,22 @@ def _put(t: dict[str, torch.Tensor], row: int, start: int, ex: Example) -> int:
     t["labels"][row, start:end] = labels
     t["weight"][row, start:end] = weight
     t["turn"][row, start:end] = turn
-    t["position_ids"][row, start:end] = torch.arange(len(ids))
+    t["position_ids"][row, start:end] = torch.arange(len(ids)) if ex.position_ids is None \
+        else torch.tensor(ex.position_ids, dtype=torch.long)
+    if "tree_end" in t:
+        t["tree_end"][row, start:end] = start + (torch.full((len(ids),), len(ids), dtype=torch.long)
+                                                 if ex.tree_end is None else torch.tensor(ex.tree_end, dtype=torch.long))
     return end
+
+
+def _with_tree(t: dict[str, torch.Tensor], examples) -> dict[str, torch.Tensor]:
+    """Add a ``tree_end`` tensor when any example is a tree. Pad positions start as ``width``
+    (a trailing pad run attends to itself causally and nothing real attends to it); leading pads
+    are set by the caller."""
+    if any(e.tree_end is not None for e in examples):
+        rows, width = t["input_ids"].shape
+        t["tree_end"] = torch.full((rows, width), width, dtype=torch.long)
+    return t
 
 
 def pad_batch(
@@ -143,12 +170,14 @@ def pad_batch(
     if not examples:
         raise ConfigError("pad_batch: no examples")
     width = _round_up(max(len(e) for e in examples), pad_to_multiple_of)
-    t = _empty(len(examples), width, pad_id)
+    t = _with_tree(_empty(len(examples), width, pad_id), examples)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
     for row, ex in enumerate(examples):
         start = 0 if side == "right" else width - len(ex)
         end = _put(t, row, start, ex)
         mask[row, start:end] = 1
+        if "tree_end" in t:
+            t["tree_end"][row, :start] = start  # leading pads: a run of their own
     return Batch(attention_mask=mask, seq_lens=[[len(e)] for e in examples], **t)
 
 
@@ -195,7 +224,7 @@ def rows_batch(rows: Sequence[Sequence[Example]], *, pad_id: int, pad_to_multipl
         raise ConfigError("rows_batch: every row needs at least one example")
     used = [sum(len(e) for e in r) for r in rows]
     width = _round_up(max(used), pad_to_multiple_of)
-    t = _empty(len(rows), width, pad_id)
+    t = _with_tree(_empty(len(rows), width, pad_id), [e for r in rows for e in r])
     for row, exs in enumerate(rows):
         start = 0
         for ex in exs:
@@ -242,6 +271,38 @@ def block_causal_mask(batch: Batch, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(allowed, zero, torch.finfo(dtype).min)[:, None]
 
 
+def tree_allowed(batch: Batch) -> torch.Tensor:
+    """(rows, T, T) bool: query q may attend key k iff ``k <= q < tree_end[k]`` (module doc)."""
+    if batch.tree_end is None:
+        raise ConfigError("tree_allowed: the batch holds no token tree")
+    width = batch.tree_end.shape[1]
+    idx = torch.arange(width, device=batch.tree_end.device)
+    return (idx[None, None, :] <= idx[None, :, None]) & (idx[None, :, None] < batch.tree_end[:, None, :])
+
+
+def tree_mask(batch: Batch, dtype: torch.dtype) -> torch.Tensor:
+    """4-D additive mask (rows, 1, T, T) of a tree batch: 0 where allowed, ``finfo(dtype).min``
+    elsewhere. Float, in the model's dtype (eager adds the mask; a boolean one is wrong there)."""
+    zero = torch.zeros((), dtype=dtype, device=batch.tree_end.device)
+    return torch.where(tree_allowed(batch), zero, torch.finfo(dtype).min)[:, None]
+
+
+def tree_block_mask(batch: Batch):
+    """The same attention as a flex-attention ``BlockMask`` (GPU; O(T) to describe, and blocks
+    that are fully masked are skipped). Needs torch's ``flex_attention`` (torch >= 2.5)."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask
+    except ImportError as e:  # pragma: no cover - old torch
+        raise ConfigError(f"attention flex_attention for token trees needs torch >= 2.5 ({e})") from None
+    end = batch.tree_end
+    rows, width = end.shape
+
+    def mask_mod(b, h, q, k):  # noqa: ANN001 - flex's signature
+        return (k <= q) & (q < end[b, k])
+
+    return create_block_mask(mask_mod, rows, None, width, width, device=end.device)
+
+
 def varlen_kwargs(batch: Batch) -> dict[str, object]:
     """A packed batch's example boundaries over its flattened rows (``rows * T`` positions), as
     flash-attn's variable-length kernel and ``attention.sdpa_varlen`` read them: ``cu_seq_lens_q``
@@ -257,17 +318,26 @@ def varlen_kwargs(batch: Batch) -> dict[str, object]:
 
 
 def model_inputs(batch: Batch, *, block_mask_dtype: torch.dtype | None = None,
-                 varlen: bool = False) -> dict[str, object]:
+                 varlen: bool = False, flex: bool = False) -> dict[str, object]:
     """Exactly the keyword arguments for the model (or its decoder) on this batch.
 
     Always ``use_cache=False``: with a cache, transformers ignores packed ``position_ids`` and
     attends across examples (module doc). With ``block_mask_dtype`` a packed batch gets the 4-D
     float mask of ``block_causal_mask`` instead of relying on position_ids detection. With
     ``varlen`` (a model whose attention reads example boundaries: ``sdpa_varlen``, flash-attn) a
-    packed batch also carries ``varlen_kwargs``.
+    packed batch also carries ``varlen_kwargs``. A tree batch always gets its explicit mask:
+    ``tree_block_mask`` with ``flex`` (a model loaded with ``flex_attention``), else ``tree_mask``
+    in ``block_mask_dtype`` (the model's dtype; required then).
     """
     out: dict[str, object] = {"input_ids": batch.input_ids, "position_ids": batch.position_ids, "use_cache": False}
-    if batch.attention_mask is not None:
+    if batch.tree_end is not None:
+        if flex:
+            out["attention_mask"] = tree_block_mask(batch)
+        elif block_mask_dtype is None:
+            raise ConfigError("model_inputs: a token-tree batch needs block_mask_dtype (the model's dtype)")
+        else:
+            out["attention_mask"] = tree_mask(batch, block_mask_dtype)
+    elif batch.attention_mask is not None:
         out["attention_mask"] = batch.attention_mask
     elif block_mask_dtype is not None:
         out["attention_mask"] = block_causal_mask(batch, block_mask_dtype)

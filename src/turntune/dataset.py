@@ -178,15 +178,16 @@ class EncodedData(Sequence[Example]):
         return rep
 
     def turn_kinds(self) -> dict[tuple[str, int], str]:
-        """(source, turn) -> "tool_call" for every labelled tool-call reply (evaluate's ``kinds``;
-        a missing key reads as "answer")."""
-        out: dict[tuple[str, int], str] = {}
-        calls = np.flatnonzero(self.flags & TOOL_CALL)
-        if len(calls):
-            ex = np.searchsorted(self.offsets, calls, side="right") - 1
-            for e, t in set(zip(ex.tolist(), self.turn[calls].tolist())):
-                out[(self.source(e), t)] = "tool_call"
-        return out
+        """(source, reply index) -> "tool_call" or "answer" for every labelled reply: evaluate's and
+        loss_shares' ``kinds``, from the flags (one pass over the tokens; meant for eval-sized sets)."""
+        pos = np.flatnonzero(self.flags & LABELLED)
+        turn = self.turn[pos].astype(np.int64)
+        pos, turn = pos[turn >= 0], turn[turn >= 0]
+        ex = np.searchsorted(self.offsets, pos, side="right") - 1
+        call = (self.flags[pos] & TOOL_CALL) > 0
+        keys, first = np.unique(ex * 2**16 + turn, return_index=True)
+        return {(self.source(int(k >> 16)), int(k & 0xFFFF)): "tool_call" if call[f] else "answer"
+                for k, f in zip(keys.tolist(), first.tolist())}
 
 
 def _map(path: Path, dtype: str, n: int) -> np.ndarray:

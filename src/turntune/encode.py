@@ -11,7 +11,10 @@ token the assistant turn whose target it is). The strategies then only *slice* t
 - ``full``: every token trained, user turns too (for comparison; warns).
 
 Where slicing would not be exact, the conversation is rendered again: conversations whose
-rendering is not prefix-stable are expanded for real, and conversations longer than
+rendering is not prefix-stable (templates that drop earlier reasoning) are rendered per reply and
+those samples merged into a token tree (``tree.py``; one sequence, the shared history once, each
+reply with its reasoning a branch), or expanded for real with ``tree=False`` or where a tree cannot
+be exact; conversations longer than
 ``max_length`` become windows of whole rounds (``all``) or lose their oldest rounds of history
 (``expand``/``last``). Every such event is counted in an :class:`EncodeReport`.
 
@@ -38,6 +41,7 @@ from turntune.errors import ConfigError, DataError, TurntuneError
 from turntune.example import Example
 from turntune.errors import TemplateError
 from turntune.templates.base import Rendered, Template
+from turntune.tree import trees_of
 
 Strategy = Literal["all", "expand", "last", "full"]
 Weighting = Literal["token", "turn", "sample"]
@@ -52,14 +56,21 @@ def check_choice(setting: str, value: str, valid: Sequence[str]) -> None:
 
 
 def resolve_template(tokenizer, template: str | Template = "auto", chat_template: str | None = None) -> Template:
-    """``auto``: the native GLM-4 format when the tokenizer has GLM-4's special tokens, else the
-    tokenizer's own Jinja ``chat_template``."""
+    """``auto``: the native GLM-4 format when the tokenizer has GLM-4's special tokens and no
+    reasoning tokens (glm-4-9b-chat), else the tokenizer's own Jinja ``chat_template``: GLM-4.5+
+    tokenizers carry ``</think>`` and their template renders reasoning, which the native format
+    has no place for."""
     if not isinstance(template, str):
         return template
     check_choice("template", template, get_args(TemplateName))
     from turntune.templates.glm4 import GLM4Template
 
-    if template == "glm4" or (template == "auto" and chat_template is None and GLM4Template.applies_to(tokenizer)):
+    def thinks() -> bool:
+        i = tokenizer.convert_tokens_to_ids("</think>")
+        return i is not None and tokenizer.convert_ids_to_tokens(i) == "</think>"
+
+    native = GLM4Template.applies_to(tokenizer) and not (getattr(tokenizer, "chat_template", None) and thinks())
+    if template == "glm4" or (template == "auto" and chat_template is None and native):
         return GLM4Template(tokenizer)
     if chat_template is None and not getattr(tokenizer, "chat_template", None):
         raise ConfigError(
@@ -84,7 +95,11 @@ class EncodeReport:
     replies_excluded: int = 0  # weight 0 in the data: context only, by the user's choice
     windows: int = 0  # sequences made by splitting long conversations (all), beyond the first
     history_rounds_dropped: int = 0  # expand/last: oldest whole rounds dropped to fit
-    not_prefix_stable: int = 0  # conversations expanded for real because slicing is not exact
+    not_prefix_stable: int = 0  # conversations rendered per reply because slicing is not exact
+    trees: int = 0  # of those, conversations laid out as token trees (tree.py)
+    tree_fallbacks: int = 0  # of those, expanded for real because a tree could not be exact
+    tree_tokens: int = 0  # tokens of those trees
+    tree_expanded_tokens: int = 0  # tokens the same samples take expanded for real
     conversations_without_labels: int = 0
     tokens: int = 0
     trained_tokens: int = 0
@@ -150,7 +165,10 @@ class EncodeReport:
                                           else "") + f"; reply tokens trained {share:.1%}",
             f"history: rounds dropped {self.history_rounds_dropped}; tokens seen per reply median {med:.0f},"
             f" p10 {p10}",
-            f"not prefix-stable (expanded for real) {self.not_prefix_stable};"
+            f"not prefix-stable {self.not_prefix_stable}: as token trees {self.trees}"
+            f" ({self.tree_tokens:,} tokens vs {self.tree_expanded_tokens:,} expanded,"
+            f" {self.tree_tokens / max(self.tree_expanded_tokens, 1):.2f}x), expanded for real"
+            f" {self.not_prefix_stable - self.trees} (tree not exact {self.tree_fallbacks});"
             f" conversations with nothing to train {self.conversations_without_labels}",
         ]
         for rule, n in sorted(self.skipped.items()):
@@ -182,6 +200,59 @@ def check_lost(report: EncodeReport, max_lost_share: float, loaded=None) -> None
             f"the records), {fix}")
 
 
+@dataclass
+class LossShares:
+    """Where a weighting puts the loss: for each reply index (1, 2, ..., ``buckets``+) and each kind
+    of reply, its share of the trained tokens and its share of the summed token weights, i.e. of
+    the loss of the whole data taken as one batch (a step's shares vary with what it holds).
+    Under ``token`` the two shares are equal; ``turn`` gives each reply the same share, ``sample``
+    each conversation."""
+
+    weighting: str
+    per_turn: dict[str, tuple[float, float, int]] = field(default_factory=dict)  # token share, loss share, replies
+    per_kind: dict[str, tuple[float, float, int]] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        lines = [f"weighting {self.weighting}: share of the trained tokens -> share of the loss"]
+        rows = [(f"reply {k}", v) for k, v in self.per_turn.items()] + list(self.per_kind.items())
+        for label, (tok, loss, n) in rows:
+            lines.append(f"  {label:<12}{tok:>7.1%} -> {loss:>6.1%}   {n} {'reply' if n == 1 else 'replies'}")
+        return "\n".join(lines)
+
+
+def loss_shares(examples: Iterable[Example], weighting: str, kinds: dict[tuple[str, int], str] | None = None,
+                buckets: int = 16) -> LossShares:
+    """The :class:`LossShares` of encoded ``examples``, from the weights they carry (``weighting``:
+    the policy they were encoded with, named in the summary); ``kinds`` maps (source, reply index)
+    to a kind of reply (``evaluate.turn_kinds``). Tokens trained outside any reply (``full``'s
+    user turns) are the row ``other``."""
+    tokens: Counter = Counter()
+    weight: Counter = Counter()
+    replies: dict[str, set] = {}
+    kind_tokens: Counter = Counter()
+    kind_weight: Counter = Counter()
+    kind_replies: dict[str, set] = {}
+    for ex in examples:
+        for t, lab, w in zip(ex.turn, ex.labels, ex.weight):
+            if lab == IGNORE_INDEX:
+                continue
+            key = "other" if t < 0 else (f"{buckets}+" if t >= buckets - 1 else str(t + 1))
+            tokens[key] += 1
+            weight[key] += w
+            replies.setdefault(key, set()).add((ex.source, t))
+            if kinds is not None and t >= 0:
+                kind = kinds.get((ex.source, t), "answer")
+                kind_tokens[kind] += 1
+                kind_weight[kind] += w
+                kind_replies.setdefault(kind, set()).add((ex.source, t))
+    n, total = sum(tokens.values()) or 1, sum(weight.values()) or 1.0
+    order = sorted(tokens, key=lambda k: (k == "other", int(k.rstrip("+")) if k != "other" else 0))
+    return LossShares(
+        weighting,
+        {k: (tokens[k] / n, weight[k] / total, len(replies[k])) for k in order},
+        {k: (kind_tokens[k] / n, kind_weight[k] / total, len(kind_replies[k])) for k in sorted(kind_tokens)})
+
+
 # -- public entry points ------------------------------------------------------------------------
 @dataclass(frozen=True)
 class EncodeOptions:
@@ -190,6 +261,7 @@ class EncodeOptions:
     max_length: int | None = None
     cut_long_replies: bool = False
     history_fraction: float = 0.3
+    tree: bool = True  # not prefix-stable: one token tree per conversation (False: expand for real)
 
     def __post_init__(self) -> None:
         check_choice("strategy", self.strategy, STRATEGIES)
@@ -202,9 +274,10 @@ class EncodeOptions:
 
 def encode(
     messages: Conversation | list[dict],
-    tokenizer=None,
+    tokenizer,
     *,
     template: str | Template = "auto",
+    chat_template: str | None = None,
     strategy: Strategy = "all",
     weighting: Weighting = "token",
     max_length: int | None = None,
@@ -212,16 +285,22 @@ def encode(
     history_fraction: float = 0.3,
     report: EncodeReport | None = None,
 ) -> list[Example]:
-    """Encode one conversation into training examples.
+    """Encode one conversation into training examples with ``tokenizer`` (the model's Hugging Face
+    tokenizer) and ``template`` (``auto``: native GLM-4 for GLM-4 tokenizers, else the tokenizer's
+    chat template, or ``chat_template``: the text of a Jinja template to use instead).
 
-    >>> exs = encode([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}], tok)
-    >>> exs[0].labels   # -100 on the prompt, the reply's ids (and its terminator) after it
+    >>> [ex] = encode([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}], tok)  # doctest: +SKIP
+    >>> tok.decode([t for t, lab in zip(ex.input_ids, ex.labels) if lab != -100])  # doctest: +SKIP
+    '\\nHello!<|user|>'
     """
+    if tokenizer is None:
+        raise ConfigError("encode: tokenizer is None; pass the model's tokenizer "
+                          "(turntune.load_tokenizer(folder), or transformers.AutoTokenizer.from_pretrained)")
     if not isinstance(messages, Conversation):
         from turntune.data import parse_record
 
         messages = parse_record({"messages": messages}, source="<messages>")
-    tmpl = resolve_template(tokenizer, template)
+    tmpl = resolve_template(tokenizer, template, chat_template)
     opts = EncodeOptions(strategy, weighting, max_length, cut_long_replies, history_fraction)
     return encode_conversations([messages], tmpl, opts, report=report)
 
@@ -337,6 +416,7 @@ class _Encoder:
         # The replies to train (weight 1), and of those the ones this strategy means to train.
         self.trained = conv.trained_turns
         self.intended = self.trained[-1:] if opts.strategy == "last" else self.trained
+        self.own_tokens: dict[int, int] = {}  # reply k -> its target tokens when rendered as its own sample
         msgs = conv.messages
         self.sys = 1 if msgs and msgs[0].role == "system" else 0
         # A window or truncated history starts at a round: a user message (never inside a tool chain).
@@ -366,11 +446,6 @@ class _Encoder:
         rep.conversations += 1
         rep.replies += self.n
         rep.replies_excluded += self.n - len(self.trained)
-        if len(self.intended) == self.n:
-            rep.reply_tokens += len(r.turn) - r.turn.count(-1)
-        else:
-            per_turn = Counter(r.turn)
-            rep.reply_tokens += sum(per_turn[k] for k in self.intended)
         if not self.trained:  # every reply weight 0 (validation refuses such records; an API caller may not)
             exs = []
         elif s == "full":
@@ -378,6 +453,8 @@ class _Encoder:
         elif not r.prefix_stable and s != "last":
             rep.not_prefix_stable += 1
             exs = [e for k in self.trained if (e := self._for_turn(k)) is not None]
+            if self.o.tree:
+                exs = self._trees(exs)
         elif s == "expand":
             exs = [e for k in self.trained if (e := self._for_turn(k)) is not None]
         elif s == "last":
@@ -388,6 +465,13 @@ class _Encoder:
                               list(range(len(self.conv.messages))))]
         else:
             exs = self._windows()
+        # A reply's tokens as its own sample renders it where that differs (a template that strips
+        # earlier reasoning renders a reply longer as the last one), else as the whole rendering has it.
+        if len(self.intended) == self.n and not self.own_tokens:
+            rep.reply_tokens += len(r.turn) - r.turn.count(-1)
+        else:
+            per_turn = Counter(r.turn)
+            rep.reply_tokens += sum(self.own_tokens.get(k, per_turn[k]) for k in self.intended)
         counted = [(e, n) for e in exs if (n := e.n_trained) > 0]  # n_trained counts: once each
         exs = [e for e, _ in counted]
         if s == "all" and r.prefix_stable:
@@ -434,11 +518,37 @@ class _Encoder:
             if not final and self._est(start, end) - self.tail[k] > self.limit:
                 continue
             sub, keep, t0 = self._render_slice(start, end)
+            self.own_tokens[k] = sub.turn.count(k - t0)
             if sub.turn_end[k - t0] <= self.limit or final:  # the sample ends at the reply's end
                 self.report.history_rounds_dropped += sum(1 for s in self.round_starts if s < start)
                 local = k - t0
                 return self._make(sub, sub.turn_end[local], {local}, t0, keep)
         return None
+
+    def _trees(self, samples: list[Example]) -> list[Example]:
+        """The expanded samples merged into token trees of at most max_length (``tree.py``); the
+        samples themselves where a tree cannot be exact (counted) or saves nothing."""
+        tries = trees_of(samples, self.o.max_length)
+        if tries is None:
+            self.report.tree_fallbacks += 1
+            return samples
+        if len(tries) == len(samples):  # one sample per tree: nothing shared
+            return samples
+        rep = self.report
+        rep.trees += 1
+        rep.tree_tokens += sum(t.size for t in tries)
+        rep.tree_expanded_tokens += sum(t.sample_tokens for t in tries)
+        return [t.layout(self.conv.source, self.n) if t.samples > 1 else s
+                for t, s in zip(tries, self._firsts(tries, samples))]
+
+    @staticmethod
+    def _firsts(tries, samples: list[Example]) -> list[Example]:
+        """Each trie's first sample (the sample itself stands for a trie of one)."""
+        out, at = [], 0
+        for t in tries:
+            out.append(samples[at])
+            at += t.samples
+        return out
 
     def _windows(self) -> list[Example]:
         """Split a conversation longer than max_length into windows of whole rounds.

@@ -31,13 +31,14 @@ class EvalResult:
     tokens: int
     per_turn: dict[str, tuple[float, int]] = field(default_factory=dict)  # "1", "2", ..., "16+"
     per_kind: dict[str, tuple[float, int]] = field(default_factory=dict)  # "answer", "tool_call"
+    precision: str = "fp32"  # what the forward passes computed in: "bf16" (autocast or weights), "fp32", "fp64"
 
     @property
     def perplexity(self) -> float:
         return math.exp(min(self.loss, 50.0))
 
     def to_dict(self) -> dict:
-        return {"loss": self.loss, "perplexity": self.perplexity, "tokens": self.tokens,
+        return {"loss": self.loss, "perplexity": self.perplexity, "tokens": self.tokens, "precision": self.precision,
                 "per_turn": {k: {"loss": v[0], "tokens": v[1]} for k, v in self.per_turn.items()},
                 "per_kind": {k: {"loss": v[0], "tokens": v[1]} for k, v in self.per_kind.items()}}
 
@@ -142,4 +143,15 @@ def evaluate(model, examples: Sequence[Example], *, pad_id: int, max_length: int
             per_turn[f"{b + 1}+" if b == nb - 1 else str(b + 1)] = mean(1 + b)
     per_kind = {k: mean(1 + nb + j) for j, k in enumerate(KINDS) if sums[1, 1 + nb + j] > 0} if kinds else {}
     loss, n = mean(0)
-    return EvalResult(loss, n, per_turn, per_kind)
+    return EvalResult(loss, n, per_turn, per_kind, precision_of(model, autocast))
+
+
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+
+
+def precision_of(model: torch.nn.Module, autocast: bool) -> str:
+    """What a forward pass computes in: bf16 under autocast, else the weights' dtype."""
+    if autocast:
+        return "bf16"
+    dtype = next(model.parameters()).dtype
+    return _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))

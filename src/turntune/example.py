@@ -20,6 +20,10 @@ class Example:
       ``token`` 1 per token; ``turn`` 1/|A_k| (each reply counts once, = ``expand`` with a mean of
       per-sample means); ``sample`` 1/(trained tokens of the conversation) (each conversation once).
     - ``source``: ``file:line`` of the conversation; ``n_turns``: assistant turns in it.
+    - ``position_ids``/``tree_end``: only for a token tree (``tree.py``, DESIGN.md §8), else None.
+      ``position_ids[i]``: token i's position (its depth in the tree); ``tree_end[i]``: one past
+      the last token of i's subtree, so token q attends to token k iff ``k <= q < tree_end[k]``.
+      None means a plain sequence (positions 0.., causal).
     """
 
     input_ids: list[int]
@@ -29,6 +33,12 @@ class Example:
     source: str = ""
     n_turns: int = 0
     message: list[int] = field(default_factory=list)  # per token: message index (-1: none); for inspect/audit
+    position_ids: list[int] | None = None
+    tree_end: list[int] | None = None
+
+    @property
+    def is_tree(self) -> bool:
+        return self.tree_end is not None
 
     def __len__(self) -> int:
         return len(self.input_ids)

@@ -38,25 +38,26 @@ def add_parsers(sub) -> None:
 
 
 def _common(s: argparse.ArgumentParser) -> None:
-    s.add_argument("data")
-    s.add_argument("--model", default="builtin:smollm2", help="model or tokenizer folder, or builtin:smollm2 / builtin:tiny-glm4")
-    s.add_argument("--format", default="auto", choices=["auto", "openai", "glm4", "sharegpt"])
-    s.add_argument("--on-invalid", default="error", choices=["error", "skip"])
-    s.add_argument("--template", default="auto", choices=["auto", "glm4", "hf"])
-    s.add_argument("--strategy", default="all", choices=["all", "expand", "last", "full"])
-    s.add_argument("--max-length", type=int, default=2048)
+    from turntune.cli import add_encoding_args
+
+    s.add_argument("data", nargs="?", help="default with --config: data.train")
+    add_encoding_args(s)
 
 
 def _setup(a):
+    """Conversations, and the encoding ``train`` would use (``--config``, overrides, flags)."""
+    from turntune.cli import config_from_args, data_path
     from turntune.data import load_conversations
-    from turntune.encode import EncodeOptions, resolve_template
-    from turntune.models import load_tokenizer
+    from turntune.models import check_model_folder
+    from turntune.recipes import recipe
 
-    res = load_conversations(a.data, format=a.format, on_invalid=a.on_invalid)
+    cfg = config_from_args(a)
+    data = data_path(a, cfg, "train")
+    check_model_folder(cfg.model.path)
+    res = load_conversations(data, format=cfg.data.format, on_invalid=cfg.data.on_invalid)
     if res.report.n_skipped:
         print(res.report.summary(), file=sys.stderr)
-    tok = load_tokenizer(a.model)
-    return res.conversations, tok, resolve_template(tok, a.template), EncodeOptions(a.strategy, "token", a.max_length)
+    return data, res.conversations, recipe(cfg)
 
 
 def run_inspect(a) -> int:
@@ -66,15 +67,15 @@ def run_inspect(a) -> int:
 
     if a.n < 1:
         raise ConfigError(f"-n: {a.n}: show at least 1 conversation")
-    convs, tok, tmpl, opts = _setup(a)
+    data, convs, r = _setup(a)
     convs = convs[: a.n]
     rep = EncodeReport()
-    examples = encode_conversations(convs, tmpl, opts, report=rep, on_invalid=a.on_invalid)
+    examples = encode_conversations(convs, r.template, r.options, report=rep, on_invalid=r.config.data.on_invalid)
     for rule, n in sorted(rep.skipped.items()):  # refused by the template (on_invalid=skip): said first
         print(f"{n} of {len(convs)} conversations skipped ({rule}; not shown): "
               + "; ".join(rep.skip_examples.get(rule, [])))
-    views = build_views(convs, examples, tok, control_ids(tok))
-    title = f"turntune inspect {Path(a.data).name}: template {tmpl.name}, strategy {opts.strategy}, max_length {opts.max_length}"
+    views = build_views(convs, examples, r.tokenizer, control_ids(r.tokenizer))
+    title = f"turntune inspect {Path(data).name}: {r.describe()}"
     if a.html:
         Path(a.html).write_text(render_html(views, title), encoding="utf-8")
         for v in views:
@@ -93,9 +94,10 @@ def run_audit(a) -> int:
     from turntune.audit import audit
     from turntune.inspect_view import format_report
 
-    convs, tok, tmpl, opts = _setup(a)
-    rep = audit(convs, tok, tmpl, opts)
-    print(format_report(rep, a.data))
+    data, convs, r = _setup(a)
+    rep = audit(convs, r.tokenizer, r.template, r.options)
+    print(r.describe())
+    print(format_report(rep, data))
     if a.json:
         Path(a.json).write_text(json.dumps(rep.to_dict(), indent=2, ensure_ascii=False), encoding="utf-8")
     return 0 if rep.ok else EXIT_INVALID

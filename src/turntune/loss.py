@@ -232,6 +232,19 @@ def reads_varlen(model: nn.Module) -> bool:
     return getattr(getattr(lm, "config", None), "_attn_implementation", None) in VARLEN_IMPLEMENTATIONS
 
 
+def _inputs(model: nn.Module, batch: Batch, block_mask_dtype: torch.dtype | None) -> dict[str, object]:
+    """``model_inputs`` for this model: its varlen boundaries, and for a token-tree batch the
+    explicit tree mask (a flex block mask when the model runs ``flex_attention``, else a float
+    mask in the model's dtype): tree rows never take the varlen path (collate.py module doc)."""
+    if batch.tree_end is None:
+        return model_inputs(batch, block_mask_dtype=block_mask_dtype, varlen=reads_varlen(model))
+    lm = _unwrap(model)
+    lm = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    impl = getattr(getattr(lm, "config", None), "_attn_implementation", None)
+    dtype = block_mask_dtype or next(lm.parameters()).dtype
+    return model_inputs(batch, block_mask_dtype=dtype, flex=impl == "flex_attention")
+
+
 def batch_loss(model: nn.Module, batch: Batch, *, full_head: bool = False,
                block_mask_dtype: torch.dtype | None = None) -> LossSum:
     """Forward one micro-batch and return its un-normalised ``LossSum``.
@@ -245,8 +258,7 @@ def batch_loss(model: nn.Module, batch: Batch, *, full_head: bool = False,
     """
     wrapped = isinstance(model, LossModel) or isinstance(getattr(model, "module", None), LossModel)
     runner = model if wrapped else LossModel(model)
-    weighted, total, n = runner(batch.labels, batch.weight, full_head,
-                                **model_inputs(batch, block_mask_dtype=block_mask_dtype, varlen=reads_varlen(model)))
+    weighted, total, n = runner(batch.labels, batch.weight, full_head, **_inputs(model, batch, block_mask_dtype))
     return LossSum(weighted, total, int(n))
 
 
@@ -260,8 +272,7 @@ def per_token_losses(model: nn.Module, batch: Batch, *, block_mask_dtype: torch.
     every rank must then make the same number of calls (``evaluate`` sees to it).
     """
     runner = model if isinstance(model, LossModel) else LossModel(_unwrap(model))
-    return runner(batch.labels, batch.weight, per_token=True,
-                  **model_inputs(batch, block_mask_dtype=block_mask_dtype, varlen=reads_varlen(model)))
+    return runner(batch.labels, batch.weight, per_token=True, **_inputs(model, batch, block_mask_dtype))
 
 
 # ---- normalisation over an accumulation window and all ranks ----
@@ -320,7 +331,7 @@ def check_matches_model(model: nn.Module, batch: Batch, *, rtol: float = 1e-3) -
     with torch.no_grad():
         ours = batch_loss(model, unit)
         mine = float(ours.weighted_sum) / max(float(ours.total_weight), 1e-30)
-        theirs = float(model(**model_inputs(batch), labels=batch.labels).loss)
+        theirs = float(model(**_inputs(model, batch, None), labels=batch.labels).loss)
     if abs(mine - theirs) > rtol * max(abs(theirs), 1e-6):
         raise ConfigError(f"{type(model).__name__}: turntune's loss {mine:.6f} != the model's own "
                           f"{theirs:.6f}; its LM head does something turntune does not reproduce")

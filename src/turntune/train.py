@@ -29,13 +29,14 @@ import torch.distributed as dist
 from turntune.collate import Batch, pad_batch, packed_batches, rows_batch, token_budget_batches
 from turntune.config import Config
 from turntune.dataset import cached_encode
-from turntune.encode import EncodeOptions, check_lost, resolve_template
+from turntune.encode import EncodeOptions, check_lost
 from turntune.errors import ConfigError, TurntuneError
 from turntune.evaluate import EvalResult, evaluate
 from turntune.loss import (LossModel, backward_loss, batch_loss, check_matches_model, model_parts,
                            per_token_losses, window_weight)
 from turntune import checkpoint as ckpt
-from turntune.models import add_lora, check_model_folder, load_model, load_tokenizer, resolve_path
+from turntune.models import add_lora, check_model_folder, load_model, resolve_path
+from turntune.recipes import recipe
 from turntune.tracking import Tracker, open_tracker
 
 
@@ -285,24 +286,13 @@ def train(cfg: Config, *, resume: bool = False) -> TrainResult:
             raise ConfigError(f"data.{name}: {path} is not a file or folder (check the path)")
     model_dir = resolve_path(cfg.model.path)
     check_model_folder(model_dir)  # before the data is encoded: weights cut short are named now, not after
-    tokenizer = load_tokenizer(model_dir, trust_remote_code=cfg.model.trust_remote_code)
-    chat_template = None
-    if cfg.data.chat_template:
-        try:
-            chat_template = Path(cfg.data.chat_template).read_text(encoding="utf-8")
-        except OSError as e:
-            raise ConfigError(f"data.chat_template: cannot read {cfg.data.chat_template}: {e.strerror}") from None
-        tokenizer.chat_template = chat_template  # saved with the result, so `turntune chat` uses it too
-    template = resolve_template(tokenizer, cfg.data.template, chat_template)
-    log(f"template: {template.name}")
-    opts = EncodeOptions(cfg.data.strategy, cfg.data.weighting, cfg.data.max_length,
-                         cfg.data.cut_long_replies, cfg.data.history_fraction)
-    train_ex, _ = _encode_split(cfg.data.train, cfg, template, log, "train", opts, d)
+    enc = recipe(cfg, tokenizer_from=model_dir)  # what `turntune encode/inspect/audit/eval --config` show
+    tokenizer, template = enc.tokenizer, enc.template
+    log(f"encoding: {enc.describe()}")
+    train_ex, _ = _encode_split(cfg.data.train, cfg, template, log, "train", enc.options, d)
     eval_ex, kinds = [], {}
     if cfg.data.eval:
-        eval_opts = EncodeOptions("all", "token", cfg.data.max_length, cfg.data.cut_long_replies,
-                                  cfg.data.history_fraction)
-        eval_ex, _ = _encode_split(cfg.data.eval, cfg, template, log, "eval", eval_opts, d)
+        eval_ex, _ = _encode_split(cfg.data.eval, cfg, template, log, "eval", enc.eval_options, d)
         kinds = eval_ex.turn_kinds()
 
     # -- model ---------------------------------------------------------------------------------

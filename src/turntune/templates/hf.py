@@ -375,9 +375,10 @@ class HFTemplate:
                 i = bisect.bisect_right(slot_stop, end) - 1  # the last word ending by `end` (by bisection: long conversations)
                 lastword = slot_stop[i] if i >= 0 and slot_start[i] >= start else start
                 lastword = max(lastword, _arguments_end(text, start, end, msgs[a][2]))  # '"}' is data
-                closed = bool(text[lastword:end].strip())
+                closed = bool(text[lastword:end].strip()) and not _closes_own_tags(text[lastword:end], text[start:lastword])
             else:  # words unknown: closed if the reply ends with an added token
-                closed = any(s >= start and e == stop for s, (e, _) in added.items())
+                last = [s for s, (e, _) in added.items() if s >= start and e == stop]
+                closed = bool(last) and not _closes_own_tags(text[last[0]:stop], text[start:last[0]])
             if closed:  # trailing whitespace after the terminator is context
                 spans.append((start, stop))
             elif a + 1 < n and end in added:  # no terminator in the turn: the next role token is it
@@ -466,8 +467,14 @@ class HFTemplate:
 
     def _next_role_token(self, msgs: tuple, tools: tuple[str, list | None], text: str, source: str) -> int | None:
         """The added token a following message starts with (a tool result after a tool call)."""
-        longer = self._try(msgs + (_plain("tool" if msgs[-1][2] else "user", "x"),), tools, False, source)
-        if longer is None or not longer.startswith(text) or len(longer) == len(text):
+        nxt = _plain("tool" if msgs[-1][2] else "user", "x")
+        longer = self._try(msgs + (nxt,), tools, False, source)
+        if longer is not None and not longer.startswith(text) and any(m[4] for m in msgs):
+            # A template that drops reasoning once a message follows (GLM-4.5, GLM-Z1) rewrites the
+            # replies, not what follows them: ask again with the reasoning left out.
+            bare = tuple(m[:4] + ("",) + m[5:] for m in msgs)
+            text, longer = self._try(bare, tools, False, source), self._try(bare + (nxt,), tools, False, source)
+        if longer is None or text is None or not longer.startswith(text) or len(longer) == len(text):
             return None
         added = self._glue_tokens(longer[len(text):], [])
         return added[0][1] if 0 in added else None
@@ -724,6 +731,18 @@ def _arguments_end(text: str, start: int, end: int, calls: tuple) -> int:
                 out = max(out, stop)
         at = text.find("{", at + 1, end)
     return out
+
+
+_LAST_CLOSING_TAG = re.compile(r"</([^<>\s/]+)>\s*$")
+
+
+def _closes_own_tags(tail: str, body: str) -> bool:
+    """Whether what a template writes after a reply's last word ends by closing a tag that the
+    reply itself opened (GLM-4.5's ``</tool_call>``): that is the reply's data, not an end of turn,
+    and the reply then ends with the next role token, as a plain one does. (ChatML's
+    ``</tool_call><|im_end|>`` ends with its end-of-turn token.)"""
+    m = _LAST_CLOSING_TAG.search(tail)
+    return m is not None and f"<{m.group(1)}>" in body + tail[:m.start()]
 
 
 def _plan_text(plan: _Plan) -> str:
