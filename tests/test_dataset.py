@@ -44,7 +44,7 @@ def _data(tmp: Path, copies: int = 2, bad: bool = True) -> Path:
 
 
 def _fields(e):
-    return (e.input_ids, e.labels, e.turn, e.weight, e.source, e.n_turns)
+    return (e.input_ids, e.labels, e.turn, e.weight, e.source, e.n_turns, e.position_ids, e.tree_end)
 
 
 @pytest.mark.parametrize("strategy,weighting,max_length", [("all", "token", 512), ("all", "turn", 256),
@@ -74,6 +74,36 @@ class _nothing:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_token_trees_round_trip(glm4_tokenizer, tmp_path, small_chunks):
+    sys.path.insert(0, str(ROOT / "tests"))
+    from reasoning import conversations, template_source, tokenizer_for
+
+    from turntune.templates.hf import HFTemplate
+
+    tmpl = HFTemplate(tokenizer_for(glm4_tokenizer, "qwen3"), chat_template=template_source("qwen3"))
+    convs = conversations("qwen3") * 40
+    data = tmp_path / "reasoning.jsonl"
+    data.write_text("".join(json.dumps({"messages": [_message(m) for m in c.messages]}) + "\n" for c in convs))
+    opts = EncodeOptions("expand", "turn", None)
+    want = encode_conversations(load_conversations(data).conversations, tmpl, opts)
+    got = write_encoded(data, tmpl, opts, tmp_path / "c", num_proc=2)
+    assert sum(e.is_tree for e in want) >= 40
+    assert [_fields(e) for e in got] == [_fields(e) for e in want]
+
+
+def _message(m) -> dict:
+    out = {"role": m.role, "content": m.content}
+    if m.reasoning:
+        out["reasoning_content"] = m.reasoning
+    if m.tool_calls:
+        out["tool_calls"] = [{"type": "function", "id": c.id, "function": {"name": c.name, "arguments": c.arguments}}
+                             if c.id else {"type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                             for c in m.tool_calls]
+    if m.role == "tool":
+        out.update({k: v for k, v in (("name", m.name), ("tool_call_id", m.tool_call_id)) if v})
+    return out
 
 
 def test_same_bytes_whatever_the_number_of_processes(chatml, tmp_path, small_chunks):
@@ -172,7 +202,7 @@ def test_explicit_output_folder_is_checked_against_the_run(chatml, tmp_path):
 
 
 _RANK_SCRIPT = textwrap.dedent("""
-    import sys, torch, torch.distributed as dist
+    import json, sys, torch, torch.distributed as dist
     from turntune.dataset import cached_encode
     from turntune.encode import EncodeOptions, resolve_template
     from turntune.models import load_tokenizer
@@ -182,7 +212,8 @@ _RANK_SCRIPT = textwrap.dedent("""
     mine = torch.tensor([int(got.encoded_here), int(got.data.ids.sum()), len(got.data)], dtype=torch.int64)
     every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(every, mine)
-    print(f"rank {dist.get_rank()}: encoded_here={got.encoded_here} folder={got.data.folder} all={[t.tolist() for t in every]}")
+    with open(f"{sys.argv[4]}.rank{dist.get_rank()}.json", "w") as f:  # (the ranks share one stdout)
+        json.dump({"folder": str(got.data.folder), "all": [t.tolist() for t in every]}, f)
     dist.destroy_process_group()
 """)
 
@@ -202,12 +233,11 @@ def test_two_gloo_ranks_share_one_cache(smollm2_path, tmp_path):
                         str(ROOT / "examples/templates/chatml-tools.jinja"), str(data), str(tmp_path / "cache")],
                        env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    lines = sorted(line for line in p.stdout.splitlines() if line.startswith("rank "))
-    assert len(lines) == 2
-    every = json.loads(lines[0].split("all=")[1])
+    seen = [json.loads((tmp_path / f"cache.rank{r}.json").read_text()) for r in (0, 1)]
+    every = seen[0]["all"]
     assert sorted(e[0] for e in every) == [0, 1]  # exactly one rank encoded
     assert every[0][1:] == every[1][1:] and every[0][2] > 0  # both read the same data
-    assert len({line.split("folder=")[1].split(" ")[0] for line in lines}) == 1
+    assert seen[0]["folder"] == seen[1]["folder"]
     cache = tmp_path / "cache"
     assert len([f for f in cache.iterdir() if f.is_dir()]) == 1
 

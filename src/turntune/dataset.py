@@ -11,7 +11,10 @@ weight is exactly ``1.0 / denom``, the float64 the encoder computed, so batches 
 to in-memory encoding). Labels are implied: ``labels[i] = ids[i]`` where labelled (the writer
 checks that this holds). Per example: ``offsets`` (int64), ``n_turns`` (int32) and its source
 (``file:line``) as UTF-8 bytes with offsets. So 7 bytes per token with ``token`` weighting, 11
-with the others; ``meta.json`` holds the column lengths and the data and encode reports.
+with the others. A token tree (templates that rewrite history, tree.py) also keeps its
+``position_ids`` and ``tree_end`` (int32 each, ``tree_pos``/``tree_end``, indexed per example by
+``tree_offsets``; empty for plain sequences). ``meta.json`` holds the column lengths and the
+data and encode reports.
 
 The folder's name is a fingerprint (sha256) of everything that changes the result: the data's
 bytes and its path (sources name it), the tokenizer (its whole serialised vocabulary, special
@@ -60,7 +63,8 @@ _MAX_EXAMPLES = 3  # error texts kept per rule, as in the reports
 MARKER, META = "COMPLETE", "meta.json"
 # name -> dtype; explicit little-endian so a cache reads the same on any machine.
 COLUMNS = {"ids": "<i4", "turn": "<i2", "flags": "u1", "denom": "<i4", "offsets": "<i8", "n_turns": "<i4",
-           "sources": "u1", "source_offsets": "<i8", "history_seen": "<i4"}
+           "sources": "u1", "source_offsets": "<i8", "history_seen": "<i4",
+           "tree_offsets": "<i8", "tree_pos": "<i4", "tree_end": "<i4"}
 LABELLED, TOOL_CALL = 1, 2  # bits of ``flags``
 
 
@@ -135,6 +139,7 @@ class EncodedData(Sequence[Example]):
         self.offsets, self.n_turns = cols["offsets"], cols["n_turns"]
         self._sources, self._source_offsets = cols["sources"], cols["source_offsets"]
         self.history_seen = cols["history_seen"]
+        self.tree_offsets, self.tree_pos, self.tree_end = cols["tree_offsets"], cols["tree_pos"], cols["tree_end"]
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -163,8 +168,10 @@ class EncodedData(Sequence[Example]):
         lab = (self.flags[a:b] & LABELLED).astype(bool)
         weight = np.zeros(b - a, dtype=np.float64)
         weight[lab] = 1.0 / self.denom[a:b][lab] if self.denom is not None else 1.0
+        ta, tb = int(self.tree_offsets[i]), int(self.tree_offsets[i + 1])
+        tree = (self.tree_pos[ta:tb].tolist(), self.tree_end[ta:tb].tolist()) if tb > ta else (None, None)
         return Example(ids.tolist(), np.where(lab, ids, IGNORE_INDEX).tolist(), self.turn[a:b].tolist(),
-                       weight.tolist(), self.source(i), int(self.n_turns[i]))
+                       weight.tolist(), self.source(i), int(self.n_turns[i]), position_ids=tree[0], tree_end=tree[1])
 
     @property
     def data_report(self) -> DataReport:
@@ -229,6 +236,7 @@ class _Part:
 
     columns: dict[str, np.ndarray]
     lengths: np.ndarray
+    tree_lengths: np.ndarray  # per example: its tree columns' length (0: a plain sequence)
     n_turns: np.ndarray
     sources: list[str]
     history_seen: np.ndarray
@@ -291,9 +299,16 @@ def encode_chunk(job: _Job, chunk: list) -> _Part:
         columns["denom"] = denom.astype(COLUMNS["denom"])
     elif not np.all(weight[lab] == 1.0):
         raise TurntuneError(f"{where}: token weighting with a weight other than 1; report this as a turntune bug")
+    trees = [e for e in exs if e.tree_end is not None or e.position_ids is not None]
+    if any(e.tree_end is None or e.position_ids is None for e in trees):
+        raise TurntuneError(f"{where}: an example with position_ids but no tree_end (or the reverse); "
+                            "report this as a turntune bug")
+    columns["tree_pos"] = np.fromiter(chain(e.position_ids for e in trees), np.int64).astype(COLUMNS["tree_pos"])
+    columns["tree_end"] = np.fromiter(chain(e.tree_end for e in trees), np.int64).astype(COLUMNS["tree_end"])
+    tree_lengths = np.fromiter((len(e) if e.tree_end is not None else 0 for e in exs), np.int64, len(exs))
     history = np.asarray(erep.history_seen, dtype=COLUMNS["history_seen"])
     erep.history_seen = []
-    return _Part(columns, np.fromiter((len(e) for e in exs), np.int64, len(exs)),
+    return _Part(columns, np.fromiter((len(e) for e in exs), np.int64, len(exs)), tree_lengths,
                  np.fromiter((e.n_turns for e in exs), np.int64, len(exs)), [e.source for e in exs], history,
                  drep, erep)
 
@@ -375,14 +390,16 @@ def write_encoded(path: str | Path, template, options: EncodeOptions, out: str |
     w = _Writer(tmp, [n for n in COLUMNS if n != "denom" or options.weighting != "token"])
     try:
         drep, erep = DataReport(path=chunks.name), EncodeReport()
-        offset, source_offset = 0, 0
-        w.add("offsets", np.zeros(1))
-        w.add("source_offsets", np.zeros(1))
+        offset, source_offset, tree_offset = 0, 0, 0
+        for name in ("offsets", "source_offsets", "tree_offsets"):
+            w.add(name, np.zeros(1))
         for part in _parts(_Job(template, options, format, on_invalid), iter(chunks), num_proc):
             for name, values in part.columns.items():
                 w.add(name, values)
             w.add("offsets", offset + np.cumsum(part.lengths))
             offset += int(part.lengths.sum())
+            w.add("tree_offsets", tree_offset + np.cumsum(part.tree_lengths))
+            tree_offset += int(part.tree_lengths.sum())
             raw = [s.encode("utf-8", "surrogateescape") for s in part.sources]
             w.add("sources", np.frombuffer(b"".join(raw), dtype=np.uint8))
             w.add("source_offsets", source_offset + np.cumsum([len(r) for r in raw], dtype=np.int64))
