@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections.abc import Iterator
 
 from turntune.conversation import Conversation
 from turntune.data import parse_record
@@ -167,6 +168,10 @@ def _tool_round(rng: random.Random, tool: dict) -> list[dict]:
 
 def _conversation(rng: random.Random, rounds: int, index: int, seed: int,
                   long_paste: float = 0.0) -> Conversation:
+    return parse_record(_record(rng, rounds, long_paste), source=f"gen-{seed}:{index}")
+
+
+def _record(rng: random.Random, rounds: int, long_paste: float = 0.0) -> dict:
     """One conversation of ``rounds`` rounds. ``long_paste``: chance per user turn of pasting a
     long document (1,000-2,500 words), the kind of round that cannot fit a 2,048-token window."""
     messages: list[dict] = []
@@ -187,8 +192,7 @@ def _conversation(rng: random.Random, rounds: int, index: int, seed: int,
             user = _words(rng, _lognormal_words(rng, 25, 0.9, 2, 200))
         messages.append({"role": "user", "content": user})
         messages.append({"role": "assistant", "content": _reply(rng, _lognormal_words(rng, 90, 0.7, 15, 300))})
-    record = {"messages": messages, **({"tools": tools} if tools else {})}
-    return parse_record(record, source=f"gen-{seed}:{index}")
+    return {"messages": messages, **({"tools": tools} if tools else {})}
 
 
 def conversations(n: int, seed: int = 0, rounds: tuple[int, int] = (1, 8)) -> list[Conversation]:
@@ -206,6 +210,18 @@ def conversations(n: int, seed: int = 0, rounds: tuple[int, int] = (1, 8)) -> li
         k = lo + min(int(rng.expovariate(0.35)), hi - lo)
         out.append(_conversation(rng, k, i, seed))
     return out
+
+
+def records(n: int, seed: int = 0, rounds: tuple[int, int] = (1, 8)) -> Iterator[dict]:
+    """The records :func:`conversations` parses, one at a time (OpenAI shape): for data files.
+
+    >>> next(records(1))["messages"][0]["role"] in ("system", "user")
+    True
+    """
+    rng = random.Random(seed)
+    lo, hi = rounds
+    for _ in range(n):
+        yield _record(rng, lo + min(int(rng.expovariate(0.35)), hi - lo))
 
 
 def long_tailed(n: int, seed: int = 0, *, mid_share: float = 0.11, long_share: float = 0.01,

@@ -741,10 +741,11 @@ def test_truncated_weights_are_refused_before_the_data_is_read(toy_dir, tmp_path
     def too_late(*a, **k):
         raise AssertionError("the data was read before the model folder was checked")
 
-    monkeypatch.setattr(tr, "load_conversations", too_late)
+    monkeypatch.setattr(tr, "cached_encode", too_late)
     message = f"turntune: error: model.path: {weights} is truncated: 150 bytes, its header says 192 (copy the file again)\n"
     assert _cli_err(capsys, ["train", str(_train_cfg(tmp_path, folder))]) == message
-    monkeypatch.setattr("turntune.data.load_conversations", too_late)  # encode and eval import it from there
+    monkeypatch.setattr("turntune.data.load_conversations", too_late)  # eval imports it from there
+    monkeypatch.setattr("turntune.dataset.cached_encode", too_late)  # encode imports it from there
     assert _cli_err(capsys, ["encode", str(tmp_path / "train.jsonl"), "--model", str(folder)]) == message
     assert _cli_err(capsys, ["eval", str(folder), str(tmp_path / "train.jsonl")]) == message
 

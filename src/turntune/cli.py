@@ -2,6 +2,7 @@
 
     turntune validate DATA                   check records, report by rule (exit 1 if invalid, 2 if unreadable or empty)
     turntune encode DATA --model PATH        what encoding does to the data, and where the weighting puts the loss
+                                             (cached for train; --output DIR writes it where you say)
     turntune train CONFIG [--s.k=v ...]      fine-tune (also under torchrun: python -m turntune train)
     turntune eval MODEL DATA [--compare B]   loss per turn and kind of reply
     turntune inspect / audit DATA            which tokens are trained
@@ -121,23 +122,32 @@ def data_path(a, cfg, split: str) -> str:
 
 
 def _encode(a) -> int:
-    from turntune.data import load_conversations
-    from turntune.encode import EncodeReport, encode_conversations, loss_shares
-    from turntune.evaluate import MAX_TURN_BUCKET, turn_kinds
+    """Streams the file through the encoded-data cache that ``train`` reads with the same settings
+    (or into ``--output``, which ``train`` takes as ``data.train``)."""
+    from turntune.dataset import cached_encode, write_encoded
+    from turntune.encode import loss_shares
+    from turntune.evaluate import MAX_TURN_BUCKET
     from turntune.models import check_model_folder
     from turntune.recipes import recipe
 
     cfg = config_from_args(a)
-    data = data_path(a, cfg, "train")
+    path = data_path(a, cfg, "train")
     check_model_folder(cfg.model.path)  # a damaged folder is named before the data is read
-    res = load_conversations(data, format=cfg.data.format, on_invalid=cfg.data.on_invalid)
-    print(res.report.summary())
     r = recipe(cfg)
-    rep = EncodeReport()
-    exs = encode_conversations(res.conversations, r.template, r.options, report=rep, on_invalid=cfg.data.on_invalid)
+    d = cfg.data
+    if a.output:
+        data = write_encoded(path, r.template, r.options, a.output, format=d.format, on_invalid=d.on_invalid,
+                             num_proc=a.num_proc or d.num_proc)
+    else:
+        data = cached_encode(path, r.template, r.options, format=d.format, on_invalid=d.on_invalid,
+                             cache_dir=d.cache_dir, num_proc=a.num_proc or d.num_proc).data
+    size = sum(f.stat().st_size for f in data.folder.iterdir())
+    print(f"encoded data: {data.folder} ({size / 2**20:,.1f} MiB, {size / max(data.n_tokens, 1):.1f} bytes per token)")
+    print(data.data_report.summary())
+    rep = data.encode_report
     print(r.describe())
     print(rep.summary())
-    print(loss_shares(exs, r.options.weighting, turn_kinds(res.conversations), MAX_TURN_BUCKET).summary())
+    print(loss_shares(data, r.options.weighting, data.turn_kinds(), MAX_TURN_BUCKET).summary())
     return 0 if rep.examples else EXIT_INVALID
 
 
@@ -287,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "cut, and where the weighting puts the loss")
     s.add_argument("data", nargs="?", help="default with --config: data.train")
     add_encoding_args(s)
+    s.add_argument("--output", help="write the encoded data to this folder (train takes it as data.train); "
+                   "default: the cache that train reads (data.cache_dir)")
+    s.add_argument("--num-proc", type=int, help="encoding processes (default: data.num_proc, else every core)")
     s = sub.add_parser("train", help="fine-tune; extra --section.key=value arguments override the config")
     s.add_argument("config", help="the run's YAML config (examples/smollm2-lora.yaml is the demo's)")
     s.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")

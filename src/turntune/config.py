@@ -66,7 +66,8 @@ class ModelConfig:
 @dataclass(frozen=True)
 class DataConfig:
     train: str = "examples/data/train.jsonl"
-    """Training data: a JSONL or JSON file (OpenAI messages, GLM-4 or ShareGPT records)."""
+    """Training data: a JSONL, JSON or Parquet file or a ``datasets`` save_to_disk folder (OpenAI messages,
+    GLM-4 or ShareGPT records), or a folder written by ``turntune encode --output``."""
     eval: str | None = "examples/data/eval.jsonl"
     """Held-out data for periodic evaluation, or null."""
     format: Literal["auto", "openai", "glm4", "sharegpt"] = "auto"
@@ -97,11 +98,19 @@ class DataConfig:
     meant to be trained (replies too long for max_length, cut), or of the conversations (skipped by
     on_invalid=skip). 1.0 turns the check off."""
 
+    num_proc: int | None = None
+    """Processes that encode the data (null: every core). The result is the same for any number."""
+    cache_dir: str | None = None
+    """Where encoded data is cached (null: ``$TURNTUNE_CACHE/data``, else ``~/.cache/turntune/data``).
+    A folder per fingerprint of the data, tokenizer, template and encode options; delete it to clear."""
+
     def __post_init__(self) -> None:
         _require("data", self, max_length=(self.max_length >= 8, "at least 8"),
                  history_fraction=(0 <= self.history_fraction < 1, "0 <= x < 1"),
-                 max_lost_share=(0 <= self.max_lost_share <= 1, "0 <= x <= 1"))
-        _paths("data", self, "train", "eval", "chat_template", empty_means_none=("eval", "chat_template"))
+                 max_lost_share=(0 <= self.max_lost_share <= 1, "0 <= x <= 1"),
+                 num_proc=(self.num_proc is None or self.num_proc >= 1, "at least 1, or null for every core"))
+        _paths("data", self, "train", "eval", "chat_template", "cache_dir",
+               empty_means_none=("eval", "chat_template", "cache_dir"))
 
 
 @dataclass(frozen=True)

@@ -111,6 +111,31 @@ class DataReport:
     def n_skipped(self) -> int:
         return sum(self.skipped.values())
 
+    def merge(self, other: "DataReport") -> None:
+        """Add the counts of ``other`` (the next chunk in file order): the same report as one pass."""
+        for name in ("records", "valid", "messages", "assistant_turns", "replies_weight_0"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for name in ("skipped", "formats", "notes", "ignored_keys"):
+            getattr(self, name).update(getattr(other, name))
+        for rule, texts in other.examples.items():
+            kept = self.examples.setdefault(rule, [])
+            kept.extend(texts[:MAX_EXAMPLES - len(kept)])
+
+    def finish(self) -> None:
+        """After the last record: drop zero counts; a file with no record at all is an error."""
+        self.notes = +self.notes
+        if self.records == 0:  # an empty file is a mistake in every mode: there is nothing to skip
+            raise DataError("no records: the file is empty, blank or an empty JSON list (one JSON conversation "
+                            "per line for .jsonl, a JSON list for .json)", source=self.path, rule="no_records")
+
+    def to_dict(self) -> dict:
+        return {k: dict(v) if isinstance(v, Counter) else v for k, v in vars(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DataReport":
+        counters = {"skipped", "formats", "notes", "ignored_keys"}
+        return cls(**{k: Counter(v) if k in counters else v for k, v in d.items()})
+
     def summary(self) -> str:
         """Human-readable, several lines: counts, formats, each rule with its first errors."""
         lines = [f"{printable(self.path)}: {self.records} records, {self.valid} valid, {self.n_skipped} skipped"]
@@ -143,24 +168,48 @@ class LoadResult:
 
 def load_conversations(path: str | Path, *, format: Format = "auto",
                        on_invalid: OnInvalid = "error") -> LoadResult:
-    """Read and validate every record of a JSONL/JSON file.
+    """Read and validate every record of a data file (JSONL, JSON, Parquet or a ``datasets``
+    folder; see :func:`read_chunks`).
 
     ``on_invalid="error"`` raises the first DataError; ``"skip"`` drops bad records and counts
     them per rule in ``report``. A ``.json`` file that does not parse raises in both modes (there
     is no record to skip to). Example: ``print(load_conversations("train.jsonl").report.summary())``.
+    Holds every conversation; :func:`iter_conversations` streams them.
+    """
+    report = DataReport()
+    conversations = list(iter_conversations(path, format=format, on_invalid=on_invalid, report=report))
+    return LoadResult(conversations, report)
+
+
+def iter_conversations(path: str | Path, *, format: Format = "auto", on_invalid: OnInvalid = "error",
+                       report: DataReport | None = None, chunk_size: int = 4096) -> Iterator[Conversation]:
+    """The valid conversations of a data file in file order, read ``chunk_size`` records at a
+    time, never all at once; ``report`` (filled as they come) is complete when the iterator ends.
+
+    >>> rep = DataReport(); n = sum(1 for _ in iter_conversations("train.jsonl", report=rep))
     """
     _check_choice("format", format, FORMATS)
     _check_choice("on_invalid", on_invalid, ("error", "skip"))
-    path = Path(path)
-    name = printable(str(path))  # every source and message below names the file through it
-    try:
-        found = path.is_file()
-    except OSError as e:  # a folder on the way that may not be searched
-        raise _unreadable_file(name, e) from None
-    if not found:
-        raise DataError("no such file (check the path)", source=name, rule="missing_file")
-    report, conversations = DataReport(path=name), []
-    for source, obj in _records(path, name):
+    report = report if report is not None else DataReport()
+    chunks = read_chunks(path, chunk_size)
+    report.path = chunks.name
+    for chunk in chunks:
+        part = DataReport()
+        yield from validate_chunk(chunk, format, on_invalid, part)
+        report.merge(part)
+    report.finish()
+
+
+def validate_chunk(chunk: list[tuple[str, Any]], format: Format, on_invalid: OnInvalid,
+                   report: DataReport) -> list[Conversation]:
+    """Parse and validate one chunk of :func:`read_chunks` (raw JSONL lines are decoded here, so
+    worker processes share the JSON parsing); counts into ``report``."""
+    out: list[Conversation] = []
+    for source, obj in chunk:
+        if isinstance(obj, bytes):
+            obj = _line_record(source, obj)
+            if obj is _BLANK:  # a blank line is no record
+                continue
         report.records += 1
         try:
             if isinstance(obj, DataError):
@@ -174,7 +223,7 @@ def load_conversations(path: str | Path, *, format: Format = "auto",
             if len(kept) < MAX_EXAMPLES:
                 kept.append(str(err))
             continue
-        conversations.append(conv)
+        out.append(conv)
         report.valid += 1
         report.formats[fmt] += 1
         report.messages += len(conv.messages)
@@ -184,11 +233,7 @@ def load_conversations(path: str | Path, *, format: Format = "auto",
                                            and not m.content.strip() and not m.reasoning.strip())
         report.notes["trailing_context"] += conv.messages[-1].role != "assistant"
         report.notes["unanswered_call"] += _unanswered_calls(conv.messages)
-    report.notes = +report.notes  # drop zero counts
-    if report.records == 0:  # an empty file is a mistake in every mode: there is nothing to skip
-        raise DataError("no records: the file is empty, blank or an empty JSON list (one JSON conversation "
-                        "per line for .jsonl, a JSON list for .json)", source=name, rule="no_records")
-    return LoadResult(conversations, report)
+    return out
 
 
 def parse_record(obj: Any, source: str = "", format: Format = "auto") -> Conversation:
@@ -221,13 +266,61 @@ def detect_format(obj: Any, source: str = "") -> str:
 # ---- reading ---------------------------------------------------------------------------------
 
 _BOM = b"\xef\xbb\xbf"
+_BLANK = object()  # a blank JSONL line (``null`` is a record: a wrong one)
 
 
-def _records(path: Path, name: str) -> Iterator[tuple[str, Any]]:
-    """Yield ``(source, record)``; a bad line yields a DataError as its record (for skip mode)."""
-    if path.suffix.lower() == ".json":
-        yield from _json_records(path, name)
-        return
+@dataclass
+class RecordChunks:
+    """A data file's records in file order, ``size`` at a time: lists of ``(source, record)``,
+    where a record is a raw JSONL line (bytes: :func:`validate_chunk` decodes it), a parsed object,
+    or the DataError that reading it gave (for skip mode). ``name`` names the file in messages."""
+
+    path: Path
+    name: str
+    size: int
+
+    def __iter__(self) -> Iterator[list[tuple[str, Any]]]:
+        chunk: list[tuple[str, Any]] = []
+        for item in self._records():
+            chunk.append(item)
+            if len(chunk) == self.size:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+
+    def _records(self) -> Iterator[tuple[str, Any]]:
+        path, name = self.path, self.name
+        if path.is_dir():
+            from turntune.arrow_files import folder_records
+
+            return folder_records(path, name)
+        if path.suffix.lower() == ".parquet":
+            from turntune.arrow_files import parquet_records
+
+            return parquet_records(path, name)
+        if path.suffix.lower() == ".json":
+            return _json_records(path, name)
+        return _jsonl_lines(path, name)
+
+
+def read_chunks(path: str | Path, size: int = 4096) -> RecordChunks:
+    """The records of ``path``: ``.json`` (one document), ``.parquet``, a folder written by
+    ``datasets``' ``save_to_disk`` (or a ``datasets`` cache folder of ``.arrow`` files), anything
+    else JSONL. Missing or unreadable paths raise DataError here, before any record is read."""
+    path = Path(path)
+    name = printable(str(path))  # every source and message below names the file through it
+    try:
+        found = path.is_file() or path.is_dir()
+    except OSError as e:  # a folder on the way that may not be searched
+        raise _unreadable_file(name, e) from None
+    if not found:
+        raise DataError("no such file (check the path)", source=name, rule="missing_file")
+    return RecordChunks(path, name, size)
+
+
+def _jsonl_lines(path: Path, name: str) -> Iterator[tuple[str, bytes]]:
+    """Yield ``(file:line, raw line)``; decoding is :func:`_line_record`'s (in the workers)."""
     # Binary lines: split on b"\n" only (text mode / str.splitlines would also split on U+2028
     # inside strings), so line numbers match what editors show, and bad UTF-8 stays per line.
     try:
@@ -236,26 +329,29 @@ def _records(path: Path, name: str) -> Iterator[tuple[str, Any]]:
         raise _unreadable_file(name, e) from None
     with f:
         for lineno, raw in enumerate(f, 1):
-            source = f"{name}:{lineno}"
-            if raw.startswith(_BOM):  # any line: `cat a.jsonl b.jsonl` keeps b's BOM mid-file
-                raw = raw[len(_BOM):]
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield source, DataError(f"invalid UTF-8 at byte offset {e.start} of the line "
-                                        "(re-save the file as UTF-8)", source=source, rule="bad_utf8")
-                continue
-            if not text.strip():
-                continue
-            try:
-                yield source, json.loads(text)
-            except json.JSONDecodeError as e:
-                fix = ("the file ends mid-record: was it truncated? (remove the partial last line)"
-                       if not raw.endswith(b"\n") else "fix the line; JSONL holds one JSON record per line")
-                yield source, DataError(f"not valid JSON: {_json_msg(e)} at column {e.colno} ({fix})",
-                                        source=source, rule="bad_json")
-            except (ValueError, RecursionError) as e:  # parses as JSON, but Python cannot hold it
-                yield source, DataError(_unreadable(e), source=source, rule="bad_json")
+            yield f"{name}:{lineno}", raw
+
+
+def _line_record(source: str, raw: bytes) -> Any:
+    """One JSONL line's record, a DataError for a bad line, or ``_BLANK`` for a blank one."""
+    if raw.startswith(_BOM):  # any line: `cat a.jsonl b.jsonl` keeps b's BOM mid-file
+        raw = raw[len(_BOM):]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return DataError(f"invalid UTF-8 at byte offset {e.start} of the line "
+                         "(re-save the file as UTF-8)", source=source, rule="bad_utf8")
+    if not text.strip():
+        return _BLANK
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        fix = ("the file ends mid-record: was it truncated? (remove the partial last line)"
+               if not raw.endswith(b"\n") else "fix the line; JSONL holds one JSON record per line")
+        return DataError(f"not valid JSON: {_json_msg(e)} at column {e.colno} ({fix})",
+                         source=source, rule="bad_json")
+    except (ValueError, RecursionError) as e:  # parses as JSON, but Python cannot hold it
+        return DataError(_unreadable(e), source=source, rule="bad_json")
 
 
 def _json_records(path: Path, name: str) -> Iterator[tuple[str, Any]]:

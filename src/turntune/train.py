@@ -28,10 +28,10 @@ import torch.distributed as dist
 
 from turntune.collate import Batch, pad_batch, packed_batches, rows_batch, token_budget_batches
 from turntune.config import Config
-from turntune.data import load_conversations
-from turntune.encode import EncodeOptions, EncodeReport, check_lost, encode_conversations
+from turntune.dataset import cached_encode
+from turntune.encode import EncodeOptions, check_lost
 from turntune.errors import ConfigError, TurntuneError
-from turntune.evaluate import EvalResult, evaluate, turn_kinds
+from turntune.evaluate import EvalResult, evaluate
 from turntune.loss import (LossModel, backward_loss, batch_loss, check_matches_model, model_parts,
                            per_token_losses, window_weight)
 from turntune import checkpoint as ckpt
@@ -181,7 +181,8 @@ class MicroBatches:
 
     def __init__(self, examples, cfg: Config, d: Dist, pad_id: int) -> None:
         self.examples, self.cfg, self.d, self.pad_id = examples, cfg, d, pad_id
-        self.lengths = [len(e) for e in examples]
+        # Plans work on the lengths alone (the cache's array): no example is built to plan
+        self.lengths = examples.lengths.tolist() if hasattr(examples, "lengths") else [len(e) for e in examples]
         self._epoch, self._plan = -1, []
         self.per_epoch = len(self._make(0)) // d.world
         if self.per_epoch == 0:
@@ -205,18 +206,24 @@ class MicroBatches:
         return pad_batch([self.examples[j] for j in item], pad_id=self.pad_id)
 
 
-def _encode_split(path, cfg: Config, template, log: Log, what: str, options: EncodeOptions):
-    loaded = load_conversations(path, format=cfg.data.format, on_invalid=cfg.data.on_invalid)
-    log(f"{what}: {loaded.report.summary()}")
-    rep = EncodeReport()
-    examples = encode_conversations(loaded.conversations, template, options, report=rep,
-                                    on_invalid=cfg.data.on_invalid)
+def _encode_split(path, cfg: Config, template, log: Log, what: str, options: EncodeOptions, d: Dist):
+    """The split's encoded data from the cache (encoded first by one process where it is missing;
+    dataset.py), with its reports logged and the lost-data checks applied."""
+    got = cached_encode(path, template, options, format=cfg.data.format, on_invalid=cfg.data.on_invalid,
+                        cache_dir=cfg.data.cache_dir, num_proc=cfg.data.num_proc)
+    data = got.data
+    how = "encoded by this process" if got.encoded_here else "read from the cache"
+    # every rank says it: under torchrun the log shows which rank encoded and which waited
+    print(f"rank {d.rank}: {what} data {how} in {got.seconds:.1f}s: {data.folder} ({len(data):,} examples, "
+          f"{data.n_tokens:,} tokens)", flush=True)
+    log(f"{what}: {data.data_report.summary()}")
+    rep = data.encode_report
     log(f"{what} encoding ({options.strategy}, {options.weighting}, max_length {options.max_length}):")
     log("  " + rep.summary().replace("\n", "\n  "))
-    check_lost(rep, cfg.data.max_lost_share, loaded.report)
-    if not examples:
+    check_lost(rep, cfg.data.max_lost_share, data.data_report)
+    if not len(data):
         raise TurntuneError(f"{path}: no example has a trained token (see the report above); nothing to train on")
-    return loaded.conversations, examples, rep
+    return data, rep
 
 
 def check_output_dir(out: Path, need_gb: float = 1.0) -> None:
@@ -275,18 +282,18 @@ def train(cfg: Config, *, resume: bool = False) -> TrainResult:
     # -- data ----------------------------------------------------------------------------------
     for name in ("train", "eval"):  # named by their setting, before anything slow is loaded
         path = getattr(cfg.data, name)
-        if path and not Path(path).is_file():
-            raise ConfigError(f"data.{name}: {path} is not a file (check the path)")
+        if path and not (Path(path).is_file() or Path(path).is_dir()):
+            raise ConfigError(f"data.{name}: {path} is not a file or folder (check the path)")
     model_dir = resolve_path(cfg.model.path)
     check_model_folder(model_dir)  # before the data is encoded: weights cut short are named now, not after
     enc = recipe(cfg, tokenizer_from=model_dir)  # what `turntune encode/inspect/audit/eval --config` show
     tokenizer, template = enc.tokenizer, enc.template
     log(f"encoding: {enc.describe()}")
-    _, train_ex, _ = _encode_split(cfg.data.train, cfg, template, log, "train", enc.options)
+    train_ex, _ = _encode_split(cfg.data.train, cfg, template, log, "train", enc.options, d)
     eval_ex, kinds = [], {}
     if cfg.data.eval:
-        eval_convs, eval_ex, _ = _encode_split(cfg.data.eval, cfg, template, log, "eval", enc.eval_options)
-        kinds = turn_kinds(eval_convs)
+        eval_ex, _ = _encode_split(cfg.data.eval, cfg, template, log, "eval", enc.eval_options, d)
+        kinds = eval_ex.turn_kinds()
 
     # -- model ---------------------------------------------------------------------------------
     model = load_model(model_dir, dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation,

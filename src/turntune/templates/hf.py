@@ -105,6 +105,7 @@ class HFTemplate:
             source = source.get("default")
         if not source:
             raise TemplateError("the tokenizer has no chat_template; give one (a Jinja string)")
+        self.source: str = source  # the Jinja text: part of the encoded-data cache's fingerprint
         self._backend = getattr(tokenizer, "backend_tokenizer", None)
         if self._backend is None:
             raise TemplateError("HFTemplate needs a fast (Rust-backed) tokenizer")

@@ -1,0 +1,313 @@
+"""The encoded-data cache: exact round trip, fingerprint, atomic writes, shared between processes;
+records from Parquet and ``datasets`` folders."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from turntune import dataset
+from turntune.data import load_conversations
+from turntune.dataset import EncodedData, cached_encode, check_folder, write_encoded
+from turntune.encode import EncodeOptions, EncodeReport, encode_conversations, resolve_template
+from turntune.errors import ConfigError, DataError
+
+ROOT = Path(__file__).resolve().parents[1]
+TEMPLATE = (ROOT / "examples/templates/chatml-tools.jinja").read_text()
+
+
+@pytest.fixture(scope="module")
+def chatml(smollm2_tokenizer):
+    return resolve_template(smollm2_tokenizer, "hf", TEMPLATE)
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    monkeypatch.setattr(dataset, "CHUNK", 50)  # several chunks, so merging and ordering are exercised
+
+
+def _data(tmp: Path, copies: int = 2, bad: bool = True) -> Path:
+    """The example set ``copies`` times (400 conversations, tool calls among them), plus bad lines."""
+    lines = (ROOT / "examples/data/train.jsonl").read_text().splitlines() * copies
+    if bad:
+        lines[7:7] = ["{not json", "", json.dumps({"messages": [{"role": "user", "content": "hi"}]})]
+        lines[130:130] = [json.dumps({"messages": [{"role": "assistant", "content": "a"},
+                                                   {"role": "assistant", "content": "b"}]})]
+    p = tmp / "train.jsonl"
+    p.write_text("\n".join(lines) + "\n")
+    return p
+
+
+def _fields(e):
+    return (e.input_ids, e.labels, e.turn, e.weight, e.source, e.n_turns, e.position_ids, e.tree_end)
+
+
+@pytest.mark.parametrize("strategy,weighting,max_length", [("all", "token", 512), ("all", "turn", 256),
+                                                           ("expand", "sample", 1024), ("full", "turn", 300)])
+def test_cache_round_trips_bit_exactly(chatml, tmp_path, small_chunks, strategy, weighting, max_length):
+    data = _data(tmp_path)
+    opts = EncodeOptions(strategy, weighting, max_length)
+    loaded = load_conversations(data, on_invalid="skip")
+    rep = EncodeReport()
+    with pytest.warns(UserWarning) if strategy == "full" else _nothing():
+        want = encode_conversations(loaded.conversations, chatml, opts, report=rep, on_invalid="skip")
+    with pytest.warns(UserWarning) if strategy == "full" else _nothing():
+        got = write_encoded(data, chatml, opts, tmp_path / "one", on_invalid="skip", num_proc=1)
+    assert len(got) == len(want) >= 400
+    assert [_fields(e) for e in got] == [_fields(e) for e in want]
+    assert got.lengths.tolist() == [len(e) for e in want]
+    assert got.data_report == loaded.report and got.data_report.n_skipped == 3
+    assert vars(got.encode_report) == vars(rep)
+    assert got.encode_report.summary() == rep.summary()
+    size = sum(f.stat().st_size for f in got.folder.iterdir() if f.name in dataset.COLUMNS)
+    assert size / got.n_tokens < (8 if weighting == "token" else 12)  # bytes per token on disk
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_token_trees_round_trip(glm4_tokenizer, tmp_path, small_chunks):
+    sys.path.insert(0, str(ROOT / "tests"))
+    from reasoning import conversations, template_source, tokenizer_for
+
+    from turntune.templates.hf import HFTemplate
+
+    tmpl = HFTemplate(tokenizer_for(glm4_tokenizer, "qwen3"), chat_template=template_source("qwen3"))
+    convs = conversations("qwen3") * 40
+    data = tmp_path / "reasoning.jsonl"
+    data.write_text("".join(json.dumps({"messages": [_message(m) for m in c.messages]}) + "\n" for c in convs))
+    opts = EncodeOptions("expand", "turn", None)
+    want = encode_conversations(load_conversations(data).conversations, tmpl, opts)
+    got = write_encoded(data, tmpl, opts, tmp_path / "c", num_proc=2)
+    assert sum(e.is_tree for e in want) >= 40
+    assert [_fields(e) for e in got] == [_fields(e) for e in want]
+
+
+def _message(m) -> dict:
+    out = {"role": m.role, "content": m.content}
+    if m.reasoning:
+        out["reasoning_content"] = m.reasoning
+    if m.tool_calls:
+        out["tool_calls"] = [{"type": "function", "id": c.id, "function": {"name": c.name, "arguments": c.arguments}}
+                             if c.id else {"type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                             for c in m.tool_calls]
+    if m.role == "tool":
+        out.update({k: v for k, v in (("name", m.name), ("tool_call_id", m.tool_call_id)) if v})
+    return out
+
+
+def test_same_bytes_whatever_the_number_of_processes(chatml, tmp_path, small_chunks):
+    data = _data(tmp_path)
+    opts = EncodeOptions("all", "turn", 512)
+    one = write_encoded(data, chatml, opts, tmp_path / "one", on_invalid="skip", num_proc=1).folder
+    two = write_encoded(data, chatml, opts, tmp_path / "two", on_invalid="skip", num_proc=2).folder
+    names = sorted(p.name for p in one.iterdir())
+    assert names == sorted(p.name for p in two.iterdir()) and "denom" in names
+    assert all((one / n).read_bytes() == (two / n).read_bytes() for n in names)
+
+
+def test_first_error_in_file_order_with_several_processes(chatml, tmp_path, small_chunks):
+    data = _data(tmp_path)
+    for n in (1, 2):
+        with pytest.raises(DataError) as info:
+            write_encoded(data, chatml, EncodeOptions(), tmp_path / f"e{n}", num_proc=n)
+        assert (info.value.source, info.value.rule) == (f"{data}:8", "bad_json")
+        assert not list(tmp_path.glob(f"*e{n}*"))  # nothing left behind
+
+
+def test_tool_call_kinds_survive(chatml, tmp_path):
+    from turntune.evaluate import turn_kinds
+
+    data = _data(tmp_path, copies=1, bad=False)
+    got = write_encoded(data, chatml, EncodeOptions("all", "token", 2048), tmp_path / "c", num_proc=1)
+    every = turn_kinds(load_conversations(data).conversations)
+    kinds = got.turn_kinds()
+    assert len(kinds) == len(every) and all(every[k] == v for k, v in kinds.items())  # every reply is trained
+    assert sum(v == "tool_call" for v in kinds.values()) > 10
+
+
+def test_fingerprint_changes_reencode_and_nothing_else_does(chatml, smollm2_tokenizer, tmp_path):
+    data = _data(tmp_path, copies=1, bad=False)
+    cache = tmp_path / "cache"
+
+    def run(path=data, template=chatml, opts=EncodeOptions("all", "token", 512), **kw):
+        got = cached_encode(path, template, opts, cache_dir=cache, num_proc=1, **kw)
+        return got.encoded_here, got.data.folder
+
+    first = run()
+    assert first[0]
+    assert run() == (False, first[1])
+    os.utime(data, (1, 1))  # a new modification time, the same bytes
+    assert run() == (False, first[1])
+    assert run(opts=EncodeOptions("all", "token", 512), format="auto")[0] is False
+    changed = [run(opts=EncodeOptions("all", "turn", 512)), run(opts=EncodeOptions("all", "token", 600)),
+               run(on_invalid="skip"), run(format="openai"),
+               run(template=resolve_template(smollm2_tokenizer, "hf", TEMPLATE + "{#- another text -#}"))]
+    assert all(here for here, _ in changed) and len({f for _, f in changed} | {first[1]}) == 6
+    data.write_bytes(data.read_bytes().replace(b"Paris", b"Lyon", 1))  # one word of the data
+    assert run()[0]
+    assert sorted(p.name for p in cache.iterdir() if not p.name.endswith(".lock")) == sorted(
+        p.name for p in cache.iterdir() if (p / dataset.MARKER).is_file())  # no temporary folder left
+
+
+def test_interrupted_write_is_detected_and_redone(chatml, tmp_path, small_chunks, monkeypatch):
+    data = _data(tmp_path, copies=1, bad=False)
+    cache, opts = tmp_path / "cache", EncodeOptions("all", "token", 512)
+    real, calls = dataset.encode_chunk, []
+
+    def crash_on_third(job, chunk):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # as a kill between chunks
+        return real(job, chunk)
+
+    monkeypatch.setattr(dataset, "encode_chunk", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        cached_encode(data, chatml, opts, cache_dir=cache, num_proc=1)
+    assert [p.name for p in cache.iterdir() if not p.name.endswith(".lock")] == []
+    monkeypatch.setattr(dataset, "encode_chunk", real)
+    good = cached_encode(data, chatml, opts, cache_dir=cache, num_proc=1)
+    assert good.encoded_here
+    folder = good.data.folder
+    # A folder that lost its marker (a copy cut short) or a column's tail is not a cache.
+    (folder / "ids").write_bytes((folder / "ids").read_bytes()[:-4])
+    assert check_folder(folder) == f"ids holds {good.data.n_tokens * 4 - 4} bytes, meta.json says {good.data.n_tokens} values"
+    with pytest.raises(DataError, match="not a complete encoded-data folder: ids holds"):
+        EncodedData(folder)
+    again = cached_encode(data, chatml, opts, cache_dir=cache, num_proc=1)
+    assert again.encoded_here and again.data.folder == folder and check_folder(folder) is None
+    (folder / dataset.MARKER).unlink()
+    assert check_folder(folder) == "no COMPLETE marker (the write did not finish)"
+    assert cached_encode(data, chatml, opts, cache_dir=cache, num_proc=1).encoded_here
+
+
+def test_explicit_output_folder_is_checked_against_the_run(chatml, tmp_path):
+    data = _data(tmp_path, copies=1, bad=False)
+    out = tmp_path / "train.encoded"
+    write_encoded(data, chatml, EncodeOptions("all", "token", 512), out, num_proc=1)
+    got = cached_encode(out, chatml, EncodeOptions("all", "token", 512))
+    assert not got.encoded_here and got.data.folder == out
+    with pytest.raises(ConfigError, match=r"was encoded with another options than this run \(it has options="):
+        cached_encode(out, chatml, EncodeOptions("all", "turn", 512))
+
+
+_RANK_SCRIPT = textwrap.dedent("""
+    import json, sys, torch, torch.distributed as dist
+    from turntune.dataset import cached_encode
+    from turntune.encode import EncodeOptions, resolve_template
+    from turntune.models import load_tokenizer
+    dist.init_process_group("gloo")
+    tmpl = resolve_template(load_tokenizer(sys.argv[1]), "hf", open(sys.argv[2]).read())
+    got = cached_encode(sys.argv[3], tmpl, EncodeOptions("all", "token", 512), cache_dir=sys.argv[4], num_proc=1)
+    mine = torch.tensor([int(got.encoded_here), int(got.data.ids.sum()), len(got.data)], dtype=torch.int64)
+    every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    with open(f"{sys.argv[4]}.rank{dist.get_rank()}.json", "w") as f:  # (the ranks share one stdout)
+        json.dump({"folder": str(got.data.folder), "all": [t.tolist() for t in every]}, f)
+    dist.destroy_process_group()
+""")
+
+
+def test_two_gloo_ranks_share_one_cache(smollm2_path, tmp_path):
+    import socket
+
+    data = _data(tmp_path, copies=1, bad=False)
+    script = tmp_path / "ranks.py"
+    script.write_text(_RANK_SCRIPT)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                        "--master_addr=127.0.0.1", str(script), str(smollm2_path),
+                        str(ROOT / "examples/templates/chatml-tools.jinja"), str(data), str(tmp_path / "cache")],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    seen = [json.loads((tmp_path / f"cache.rank{r}.json").read_text()) for r in (0, 1)]
+    every = seen[0]["all"]
+    assert sorted(e[0] for e in every) == [0, 1]  # exactly one rank encoded
+    assert every[0][1:] == every[1][1:] and every[0][2] > 0  # both read the same data
+    assert seen[0]["folder"] == seen[1]["folder"]
+    cache = tmp_path / "cache"
+    assert len([f for f in cache.iterdir() if f.is_dir()]) == 1
+
+
+# -- Parquet and datasets folders ---------------------------------------------------------------
+pa = pytest.importorskip("pyarrow", reason="Parquet and Arrow input need pyarrow (the 'parquet' extra)")
+
+
+def _records():
+    return [
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!", "weight": 1}]},
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+                      {"role": "assistant", "content": "4"}]},
+        {"conversations": [{"from": "human", "value": "Hey"}, {"from": "gpt", "value": "Hi there"}]},
+        {"messages": [{"role": "user", "content": "weather?"}, {"role": "assistant", "metadata": "get_weather",
+                                                                 "content": '{"city": "Paris"}'},
+                      {"role": "observation", "content": '{"temp": 20}'}, {"role": "assistant", "content": "20 C"}]},
+        {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                      {"role": "assistant", "content": "c"}]},
+    ]
+
+
+def test_parquet_three_shapes_with_row_sources(tmp_path):
+    import pyarrow.parquet as pq
+
+    recs = _records()
+    for i, r in enumerate(recs):  # one file per shape (a Parquet file has one schema)
+        pq.write_table(pa.Table.from_pylist([r, r]), tmp_path / f"r{i}.parquet")
+    shapes = [load_conversations(tmp_path / f"r{i}.parquet").report.formats for i in range(4)]
+    assert shapes == [{"openai": 2}, {"openai": 2}, {"sharegpt": 2}, {"glm4": 2}]
+    mixed = tmp_path / "mixed.parquet"
+    pq.write_table(pa.Table.from_pylist([recs[0], recs[1], recs[4], recs[0]]), mixed)
+    res = load_conversations(mixed, on_invalid="skip")
+    # Arrow's unified schema put weight: null on every message; it is read as absent, not as a bad weight
+    assert (res.report.records, res.report.valid, dict(res.report.skipped)) == (4, 3, {"consecutive_user": 1})
+    assert [c.source for c in res.conversations] == [f"{mixed}:#0", f"{mixed}:#1", f"{mixed}:#3"]
+    assert res.report.examples["consecutive_user"] == [
+        f"{mixed}:#2: turn 2: two user messages in a row (merge them or insert the assistant reply)"]
+    assert not res.report.ignored_keys
+    with pytest.raises(DataError, match=rf"^{mixed}:#2: turn 2: two user messages"):
+        load_conversations(mixed)
+
+
+def _save_to_disk(folder: Path, records: list[dict], files: int) -> None:
+    """What ``datasets.Dataset.save_to_disk`` writes: Arrow streams named in state.json."""
+    folder.mkdir(parents=True)
+    table = pa.Table.from_pylist(records)
+    per = -(-len(records) // files)
+    names = []
+    for k in range(files):
+        name = f"data-{k:05d}-of-{files:05d}.arrow"
+        with pa.ipc.new_stream(folder / name, table.schema) as w:
+            w.write_table(table.slice(k * per, per))
+        names.append({"filename": name})
+    (folder / "state.json").write_text(json.dumps({"_data_files": names, "_split": None}))
+    (folder / "dataset_info.json").write_text("{}")
+
+
+def test_save_to_disk_folders(tmp_path, chatml):
+    recs = [_records()[0], _records()[1], _records()[4]] * 3
+    _save_to_disk(tmp_path / "ds", recs, files=2)
+    res = load_conversations(tmp_path / "ds", on_invalid="skip")
+    assert (res.report.records, res.report.valid, dict(res.report.skipped)) == (9, 6, {"consecutive_user": 3})
+    assert [c.source.rsplit("#", 1)[1] for c in res.conversations] == ["0", "1", "3", "4", "6", "7"]
+    # a DatasetDict: its train split
+    dd = tmp_path / "dd"
+    _save_to_disk(dd / "train", recs[:2], files=1)
+    (dd / "dataset_dict.json").write_text(json.dumps({"splits": ["train"]}))
+    assert len(load_conversations(dd).conversations) == 2
+    got = write_encoded(tmp_path / "ds", chatml, EncodeOptions(), tmp_path / "enc", on_invalid="skip", num_proc=1)
+    assert len(got) == 6 and got.source(2) == f"{tmp_path / 'ds'}:#3"
+    with pytest.raises(DataError, match="not a datasets folder"):
+        load_conversations(tmp_path)  # holds folders, none of them a split
