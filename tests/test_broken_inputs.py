@@ -334,7 +334,8 @@ def test_cli_encode_with_a_tiny_max_length_reports_replies_lost(corpus, toy_dir,
         "tokens 0  trained 0 (0.0% of tokens)",
         "replies 2: trained 0, lost (too long) 2, cut 0; reply tokens trained 0.0%",
         "history: rounds dropped 0; tokens seen per reply median 0, p10 0",
-        "not prefix-stable (expanded for real) 0; conversations with nothing to train 1"]
+        "not prefix-stable 0: as token trees 0 (0 tokens vs 0 expanded, 0.00x), expanded for real 0 (tree not "
+        "exact 0); conversations with nothing to train 1"]
 
 
 @pytest.mark.parametrize("name", sorted(set(CORPUS) - {"huge_content.jsonl"}))  # that one: in the process runs
@@ -440,7 +441,8 @@ def test_a_process_never_prints_a_traceback(process_runs, name, command):
             "tokens 23  trained 6 (26.1% of tokens)",
             f"replies 2: trained 1, lost (too long) 1, cut 0; reply tokens trained {6 / (HUGE + 8):.1%}",
             "history: rounds dropped 0; tokens seen per reply median 17, p10 17",
-            "not prefix-stable (expanded for real) 0; conversations with nothing to train 0"]
+            "not prefix-stable 0: as token trees 0 (0 tokens vs 0 expanded, 0.00x), expanded for real 0 (tree not "
+            "exact 0); conversations with nothing to train 0"]
 
 
 def test_a_cold_start_matches_the_forked_run(process_runs, corpus, toy_dir):

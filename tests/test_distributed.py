@@ -34,7 +34,9 @@ def _cfg(tmp: Path, model: Path, out: Path, accum: int, **train) -> Path:
     ev = tmp / "eval8.jsonl"
     ev.write_text("\n".join((ROOT / "examples/data/eval.jsonl").read_text().splitlines()[:8]) + "\n")
     cfg = {"model": {"path": str(model)},
-           "data": {"train": str(data), "eval": str(ev), "max_length": 512, "weighting": "turn"},
+           # SmolLM2's own template (the tiny Llama's) drops tool calls: the shipped one renders them
+           "data": {"train": str(data), "eval": str(ev), "max_length": 512, "weighting": "turn",
+                    "chat_template": str(ROOT / "examples/templates/chatml-tools.jinja")},
            "lora": {"r": 4, "alpha": 8, "dropout": 0.0},  # dropout would draw different numbers per rank
            "train": {"output_dir": str(out), "max_steps": 4, "micro_batch_tokens": 512, "grad_accum": accum,
                      "lr": 5e-3, "warmup_steps": 1, "eval_every": 0, "autocast": "fp32", "seed": 1,
