@@ -27,16 +27,15 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
 
 
-def _cfg(tmp: Path, model: Path, out: Path, accum: int, **train) -> Path:
+def _cfg(tmp: Path, model: Path, out: Path, accum: int, chat_template: Path | None = None, **train) -> Path:
     lines = (ROOT / "examples/data/train.jsonl").read_text().splitlines()[:40]
     data = tmp / "train40.jsonl"
     data.write_text("\n".join(lines) + "\n")
     ev = tmp / "eval8.jsonl"
     ev.write_text("\n".join((ROOT / "examples/data/eval.jsonl").read_text().splitlines()[:8]) + "\n")
     cfg = {"model": {"path": str(model)},
-           # SmolLM2's own template (the tiny Llama's) drops tool calls: the shipped one renders them
            "data": {"train": str(data), "eval": str(ev), "max_length": 512, "weighting": "turn",
-                    "chat_template": str(ROOT / "examples/templates/chatml-tools.jinja")},
+                    **({"chat_template": str(chat_template)} if chat_template else {})},
            "lora": {"r": 4, "alpha": 8, "dropout": 0.0},  # dropout would draw different numbers per rank
            "train": {"output_dir": str(out), "max_steps": 4, "micro_batch_tokens": 512, "grad_accum": accum,
                      "lr": 5e-3, "warmup_steps": 1, "eval_every": 0, "autocast": "fp32", "seed": 1,
@@ -154,8 +153,10 @@ def test_fsdp_stopped_at_a_checkpoint_resumes_with_the_same_losses(fsdp_lora, tm
 def test_fsdp_full_fine_tuning_equals_one_process(tiny_llama_path, tmp_path):
     """Every weight trained and sharded; tiny Llama ties its LM head to the embedding."""
     kw = dict(method="full", lr=1e-3, save_every=0)
-    _run(_cfg(tmp_path, tiny_llama_path, tmp_path / "one", 2, **kw), 1)
-    _run(_cfg(tmp_path, tiny_llama_path, tmp_path / "two", 1, parallel="fsdp", **kw), 2)
+    # SmolLM2's own template (the tiny Llama's) drops tool calls: the shipped one renders them
+    tools = ROOT / "examples/templates/chatml-tools.jinja"
+    _run(_cfg(tmp_path, tiny_llama_path, tmp_path / "one", 2, tools, **kw), 1)
+    _run(_cfg(tmp_path, tiny_llama_path, tmp_path / "two", 1, tools, parallel="fsdp", **kw), 2)
     one, eval_one = _metrics(tmp_path / "one")
     two, eval_two = _metrics(tmp_path / "two")
     assert len(one) == len(two) == 4
