@@ -136,6 +136,11 @@ def bench_tokenizer(name: str, n: int, seed: int, repeat: int, profile: bool) ->
 
     tok = load_tokenizer(name)
     convs = conversations(n, seed)
+    if name == "smollm2":  # its own template writes no tool calls: turntune refuses those (not_rendered)
+        kept = [c for c in convs if not any(m.tool_calls for m in c.messages)]
+        print(f"\nsmollm2: {n - len(kept)} of {n} conversations hold tool calls, which SmolLM2's own template "
+              f"does not render (turntune refuses them); both sides encode the other {len(kept)}")
+        convs, n = kept, len(kept)
     # Both sides start from messages already in memory: the OpenAI dicts for transformers, the
     # parsed Conversation objects for turntune (parsing is the data stage, not encoding).
     hf = [(c.to_hf(), list(c.tools) or None) for c in convs]
