@@ -169,6 +169,25 @@ def test_accumulation_is_exact() -> None:
     assert abs(naive - loss8) > 1e-2
 
 
+def test_backward_loss_is_exact_in_float64() -> None:
+    """The step's ``world_size / total`` is taken in float64: a float64 run's gradients equal those
+    of ``weighted_sum / total`` to rounding (a float32 factor put them off by up to 6e-8)."""
+    model = tiny("llama").double()
+    batch = pad_batch(examples(7), pad_id=0)  # uneven weights: a total 1/x of which float32 rounds
+    total = window_weight([batch])
+    assert total.dtype == torch.float64
+    backward_loss(batch_loss(model, batch), total).backward()
+    mine = grads(model)
+    model.zero_grad()
+    (batch_loss(model, batch).weighted_sum / total).backward()
+    ref = grads(model)
+    assert mine.keys() == ref.keys() and len(ref) == len(list(model.parameters()))
+    for name, g in ref.items():  # to 1e-13 of each gradient's largest entry (entries that cancel
+        assert g.dtype == torch.float64  # to near 0 carry rounding noise of the larger terms)
+        torch.testing.assert_close(mine[name], g, rtol=1e-13, atol=1e-13 * float(g.abs().max()),
+                                   msg=lambda m, n=name: f"{n}: {m}")
+
+
 def test_model_parts_through_peft() -> None:
     peft = pytest.importorskip("peft")
     model = tiny("glm")
