@@ -1,8 +1,9 @@
 """Two CPU processes under torchrun (gloo) log the same losses as one process with the same
 global batch: rank r's micro-batch of step s is micro-batch (2s + r) of the single run's
 2-step accumulation window, and the loss is normalised over both ranks' trained tokens.
-Both ways of running several ranks (``train.parallel``): ``ddp`` (whole model per rank,
-gradients all-reduced) and ``fsdp`` (FSDP2: weights, gradients and optimizer state sharded).
+Both ways of running several ranks (``train.parallel``): ``ddp`` (whole model per rank in torch's
+DDP, gradients all-reduced once per window) and ``fsdp`` (FSDP2: weights, gradients and optimizer
+state sharded).
 
 Tolerance: 1e-5 relative for losses (float32; the runs add the same token losses in another
 order), 1e-4 for gradient norms (a sum of squares over differently sharded pieces). Measured:
@@ -91,6 +92,7 @@ def fsdp_lora(tiny_glm_path, tmp_path_factory) -> tuple[Path, str]:
 def test_two_ranks_equal_one_process(one_process, tiny_glm_path, tmp_path):
     stdout = _run(_cfg(tmp_path, tiny_glm_path, tmp_path / "two", 1), 2)
     assert "2 rank(s)" in stdout
+    assert "DDP over 2 ranks: trainable gradients all-reduced in buckets, once per step\n" in stdout
     one, eval_one = _metrics(one_process)
     two, eval_two = _metrics(tmp_path / "two")
     assert len(one) == len(two) == 4
@@ -176,7 +178,7 @@ from turntune.data import load_conversations
 from turntune.encode import EncodeOptions, encode_conversations, resolve_template
 from turntune.evaluate import evaluate
 from turntune.models import add_lora, load_model, load_tokenizer
-from turntune.train import Dist, shard_model
+from turntune.parallel import Dist, shard_model
 
 model_dir, data, result = sys.argv[1:]
 dist.init_process_group("gloo")
@@ -218,6 +220,94 @@ def test_fsdp_evaluation_with_uneven_shares_of_rows(tiny_glm_path, tmp_path):
     assert r["sharded"][2].keys() == r["whole"][2].keys()
     for k, (loss, n) in r["whole"][2].items():
         assert r["sharded"][2][k][1] == n and r["sharded"][2][k][0] == pytest.approx(loss, rel=1e-6)
+
+
+NO_SYNC_SCRIPT = """
+import sys
+import torch
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from torch.nn.parallel import DistributedDataParallel
+from turntune.collate import pad_batch
+from turntune.data import load_conversations
+from turntune.encode import EncodeOptions, encode_conversations, resolve_template
+from turntune.loss import window_weight
+from turntune.models import add_lora, load_model, load_tokenizer
+from turntune.parallel import distribute, setup_distributed, sum_over_ranks
+from turntune.train import accumulate
+
+model_dir, data, result = sys.argv[1:]
+tok = load_tokenizer(model_dir)
+convs = load_conversations(data).conversations
+examples = encode_conversations(convs, resolve_template(tok, "auto"), EncodeOptions("all", "turn", 512))[:6]
+torch.manual_seed(0)
+model = add_lora(load_model(model_dir), 4, 8, 0.0)
+with torch.no_grad():  # LoRA's B starts at 0, which would leave every A without gradient
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.normal_(0, 0.1)
+trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def window_of(exs, micro):
+    return [pad_batch(exs[s:s + micro], pad_id=tok.pad_token_id) for s in range(0, len(exs), micro)]
+
+
+# the reference, in one process before the group exists: all 6 examples in 3 micro-batches of 2
+num = accumulate(model, window_of(examples, 2), window_weight(window_of(examples, 6)), False)
+reference = (float(num), {n: p.grad.clone() for n, p in trainable.items()})
+model.zero_grad(set_to_none=True)
+
+d = setup_distributed()
+runner, note = distribute(model, d, "ddp")
+calls = []
+
+
+def counting(state, bucket):  # DDP's own all-reduce of one bucket, counted
+    calls.append(bucket.index())
+    return allreduce_hook(None, bucket)
+
+
+runner.register_comm_hook(None, counting)
+mine = examples[3 * d.rank:3 * d.rank + 3]
+reductions = {}
+for micro in (3, 1):  # a window of one micro-batch, then of three (rank r: examples 3r..3r+2)
+    runner.zero_grad(set_to_none=True)
+    window = window_of(mine, micro)
+    denom = window_weight(window)
+    num = sum_over_ranks(accumulate(runner, window, denom, False), d)
+    reductions[len(window)] = len(calls)
+    calls.clear()
+got = (float(num), {n: p.grad.clone() for n, p in trainable.items()})
+if d.rank == 0:
+    torch.save({"ddp": isinstance(runner, DistributedDataParallel), "note": note, "reductions": reductions,
+                "reference": reference, "got": got}, result)
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_ddp_reduces_gradients_once_per_window(tiny_glm_path, tmp_path):
+    """torch's DDP, with ``no_sync()`` for all but a window's last micro-batch: a window of three
+    micro-batches all-reduces as many buckets as a window of one (per-parameter all-reduces by
+    hand reduce none through DDP), and 2 ranks x 3 micro-batches of 1 give the gradients of one
+    process with 3 micro-batches of 2."""
+    script = tmp_path / "no_sync.py"
+    script.write_text(NO_SYNC_SCRIPT)
+    data = tmp_path / "train8.jsonl"
+    data.write_text("\n".join((ROOT / "examples/data/train.jsonl").read_text().splitlines()[:8]) + "\n")
+    result = tmp_path / "result.pt"
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        f"--master_port={_free_port()}", "--master_addr=127.0.0.1", str(script), str(tiny_glm_path),
+                        str(data), str(result)], env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    r = torch.load(result, weights_only=False)
+    assert r["ddp"] and r["note"] == "DDP over 2 ranks: trainable gradients all-reduced in buckets, once per step"
+    assert r["reductions"][3] == r["reductions"][1] >= 1, r["reductions"]
+    (loss_one, g_one), (loss_two, g_two) = r["reference"], r["got"]
+    assert loss_two == pytest.approx(loss_one, rel=1e-6)
+    assert g_one.keys() == g_two.keys() and len(g_one) == 16  # q/k/v/o x A/B x 2 layers
+    for name, g in g_one.items():
+        assert g.abs().max() > 0, name
+        torch.testing.assert_close(g_two[name], g, rtol=1e-4, atol=1e-6 * float(g.abs().max()), msg=name)
 
 
 def test_parallel_is_ddp_or_fsdp():

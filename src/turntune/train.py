@@ -1,9 +1,11 @@
 """The training loop, written out in one place: setup, step, accumulate, clip, schedule,
 evaluate, checkpoint, log. One process or many (``torchrun``); the same loss either way.
 
-Several processes run data-parallel (``train.parallel``): ``ddp`` keeps a whole model per rank
-and all-reduces gradients after the backward passes; ``fsdp`` shards the model with FSDP2
-(``shard_model``), so each rank holds 1/world of the weights, gradients and optimizer state.
+Several processes run data-parallel (``train.parallel``): ``ddp`` keeps a whole model per rank in
+torch's ``DistributedDataParallel``, which all-reduces the window's gradients once, overlapped
+with the last backward; ``fsdp`` shards the model with FSDP2, so each rank holds 1/world of the
+weights, gradients and optimizer state. How the ranks meet lives in ``parallel.py``; here it is
+one call to lay the model out and one context around each micro-batch.
 
 Data order is a pure function of (seed, epoch): epoch e's micro-batches come from packing (or
 length-grouping) with seed ``seed + e``, and rank r takes every world-th of them. So the position
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import resource
 import shutil
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from turntune.collate import Batch, pad_batch, packed_batches, rows_batch, token_budget_batches
 from turntune.config import Config
@@ -32,40 +34,13 @@ from turntune.dataset import cached_encode
 from turntune.encode import EncodeOptions, check_lost
 from turntune.errors import ConfigError, TurntuneError
 from turntune.evaluate import EvalResult, evaluate
-from turntune.loss import (LossModel, backward_loss, batch_loss, check_matches_model, model_parts,
-                           per_token_losses, window_weight)
+from turntune.loss import backward_loss, batch_loss, window_weight
 from turntune import checkpoint as ckpt
 from turntune.models import add_lora, check_model_folder, load_model, resolve_path
+from turntune.parallel import (Dist, after_eval, check_loss, checkpointed, clip_gradients, distribute, final_weights,
+                               setup_distributed, sum_over_ranks, sync_gradients)
 from turntune.recipes import recipe
 from turntune.tracking import Tracker, open_tracker
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed() -> Dist:
-    """Initialise torch.distributed when launched by torchrun (gloo on CPU, nccl on GPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Dist(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-        device, backend = torch.device("cuda", local), "nccl"
-    else:
-        device, backend = torch.device("cpu"), "gloo"
-    if not dist.is_initialized():
-        dist.init_process_group(backend)
-    return Dist(dist.get_rank(), dist.get_world_size(), local, device)
 
 
 class Log:
@@ -104,40 +79,6 @@ def lr_factor(step: int, cfg: Config, total: int) -> float:
     progress = min(1.0, (step - t.warmup_steps) / max(1, total - t.warmup_steps))
     shape = 0.5 * (1 + math.cos(math.pi * progress)) if t.schedule == "cosine" else 1 - progress
     return t.min_lr_ratio + (1 - t.min_lr_ratio) * shape
-
-
-def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The decoder's list of layers (also through a PEFT wrapper): FSDP's shard units."""
-    decoder, _ = model_parts(model)
-    layers = getattr(decoder, "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList):
-        lists = [m for m in decoder.children() if isinstance(m, torch.nn.ModuleList)]
-        layers = lists[0] if len(lists) == 1 else None
-    if layers is None or len(layers) == 0:
-        raise ConfigError(f"train.parallel=fsdp: cannot find the decoder layers of {type(decoder).__name__} "
-                          "(expected one ModuleList, e.g. .layers); use train.parallel=ddp")
-    return layers
-
-
-def shard_model(model: torch.nn.Module, d: Dist) -> LossModel:
-    """FSDP2 over all ranks: each decoder layer is one unit, the root ``LossModel`` holds the rest.
-
-    A layer's parameters are all-gathered just before its forward (and again before its
-    backward) and freed after it; its gradients are reduce-scattered, *averaged* over ranks,
-    which ``backward_loss`` undoes with its world-size factor. The root unit holds what is left
-    (embeddings, final norm, LM head) and is gathered by ``LossModel.forward``, which is why the
-    loss -- and evaluation -- must be called through it. FSDP2 shards each parameter on its own,
-    so a LoRA layer (frozen base weights and trainable adapters in one unit) needs no special
-    wrapping: only the adapters get gradients and optimizer state. Returns the root: train,
-    evaluate and checkpoint through it; ``root.model`` is the (now sharded) causal LM.
-    """
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    mesh = init_device_mesh(d.device.type, (d.world,))
-    for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh)
-    return fully_shard(LossModel(model), mesh=mesh)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -263,6 +204,97 @@ class TrainResult:
     skipped_steps: int
 
 
+def _progress_bar(d: Dist, total: int, start: int):
+    """A tqdm bar on rank 0 when stderr is a terminal; None otherwise (logs and CI get lines)."""
+    if not (d.main and sys.stderr.isatty()):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+
+def _print_step(log: Log, bar, rec: dict, total: int) -> None:
+    """The dense one-line view of a step (the full record is in metrics.jsonl)."""
+    line = (f"step {rec['step']}/{total} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | gnorm {rec['grad_norm']:.2f} | "
+            f"tok/s {rec['tokens_per_s']:,.0f} | trained tok/s {rec['trained_tokens_per_s']:,.0f} | "
+            f"mem {rec['memory_gb']:.2f} GB")
+    if bar is not None:
+        bar.write(line)
+    else:
+        log(line)
+
+
+def _encode_data(cfg: Config, model_dir: Path, log: Log, d: Dist) -> tuple:
+    """Tokenizer, train data, eval data and the eval replies' kinds, encoded by the run's recipe
+    (what `turntune encode/inspect/audit/eval --config` show)."""
+    enc = recipe(cfg, tokenizer_from=model_dir)
+    log(f"encoding: {enc.describe()}")
+    train_ex, _ = _encode_split(cfg.data.train, cfg, enc.template, log, "train", enc.options, d)
+    if not cfg.data.eval:
+        return enc.tokenizer, train_ex, [], {}
+    eval_ex, _ = _encode_split(cfg.data.eval, cfg, enc.template, log, "eval", enc.eval_options, d)
+    return enc.tokenizer, train_ex, eval_ex, eval_ex.turn_kinds()
+
+
+def _build_model(cfg: Config, model_dir: Path, log: Log) -> nn.Module:
+    """The causal LM as it trains: loaded, with LoRA adapters for ``lora``, checkpointing if set."""
+    model = load_model(model_dir, dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation,
+                       trust_remote_code=cfg.model.trust_remote_code)
+    if cfg.train.method == "lora":
+        l = cfg.lora
+        model = add_lora(model, l.r, l.alpha, l.dropout, l.target_modules)
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.train.method == "lora":
+            model.enable_input_require_grads()
+    model.train()
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    log(f"model: {type(model).__name__} from {model_dir}; trainable {n_train:,} of {n_all:,} parameters")
+    return model
+
+
+def accumulate(runner: nn.Module, window: list[Batch], denom: torch.Tensor, amp: bool) -> torch.Tensor:
+    """Forward and backward each micro-batch of one step; the sum of their weighted token losses
+    (float64, no graph; non-finite if any micro-batch's was).
+
+    Gradients add up over the window, each micro-batch scaled by the whole window's ``denom``
+    (``backward_loss``). DDP all-reduces once, in the last micro-batch's backward. Every rank runs
+    the whole window even after a non-finite loss: under DDP and FSDP a backward is a collective
+    the other ranks wait in; the step is then dropped on every rank alike. (Nothing here waits
+    for the device: finiteness is read once, from the sum.)
+    """
+    loss_sum = torch.zeros((), dtype=torch.float64, device=denom.device)
+    for j, batch in enumerate(window):
+        with sync_gradients(runner, last=j == len(window) - 1):
+            with torch.autocast(device_type=denom.device.type, dtype=torch.bfloat16, enabled=amp):
+                ls = batch_loss(runner, batch)
+            backward_loss(ls, denom).backward()
+        loss_sum += ls.weighted_sum.detach().double()
+    return loss_sum
+
+
+def _save_final(out: Path, runner: nn.Module, model: nn.Module, tokenizer, cfg: Config, d: Dist, log: Log) -> Path:
+    """``final/``: the adapter or the whole model, with the tokenizer, and the loss plot."""
+    final = out / "final"
+    # FSDP: every rank takes part in gathering the whole weights (adapters only for LoRA) to rank 0
+    state = final_weights(runner, trainable_only=cfg.train.method == "lora")
+    if d.main:
+        try:
+            ckpt.save_final(final, model, tokenizer, cfg, state_dict=state)
+        except OSError as e:
+            raise TurntuneError(f"train.output_dir: cannot write the result to {final}: {e.strerror or e}; "
+                                f"the last checkpoint ({ckpt.latest(out)}) is intact") from None
+        from turntune.plot import plot_losses
+
+        png = plot_losses(out / "metrics.jsonl", out / "loss.png")
+        log(f"saved {final} and {png}")
+    log.close()
+    if d.world > 1:
+        dist.barrier()
+    return final
+
+
 def train(cfg: Config, *, resume: bool = False) -> TrainResult:
     """Run the configured training. See the module docstring for the data-order contract."""
     d = setup_distributed()
@@ -286,63 +318,19 @@ def train(cfg: Config, *, resume: bool = False) -> TrainResult:
             raise ConfigError(f"data.{name}: {path} is not a file or folder (check the path)")
     model_dir = resolve_path(cfg.model.path)
     check_model_folder(model_dir)  # before the data is encoded: weights cut short are named now, not after
-    enc = recipe(cfg, tokenizer_from=model_dir)  # what `turntune encode/inspect/audit/eval --config` show
-    tokenizer, template = enc.tokenizer, enc.template
-    log(f"encoding: {enc.describe()}")
-    train_ex, _ = _encode_split(cfg.data.train, cfg, template, log, "train", enc.options, d)
-    eval_ex, kinds = [], {}
-    if cfg.data.eval:
-        eval_ex, _ = _encode_split(cfg.data.eval, cfg, template, log, "eval", enc.eval_options, d)
-        kinds = eval_ex.turn_kinds()
-
-    # -- model ---------------------------------------------------------------------------------
-    model = load_model(model_dir, dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation,
-                       trust_remote_code=cfg.model.trust_remote_code)
-    if cfg.train.method == "lora":
-        l = cfg.lora
-        model = add_lora(model, l.r, l.alpha, l.dropout, l.target_modules)
-    if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if cfg.train.method == "lora":
-            model.enable_input_require_grads()
-    # `runner` is what the step, evaluation and checkpoints call: the model, or the FSDP2 root.
-    fsdp = cfg.train.parallel == "fsdp" and d.world > 1
-    if cfg.train.parallel == "fsdp" and not fsdp:
-        log("train.parallel=fsdp with one process: nothing to shard, the model runs whole")
-    if not fsdp:  # FSDP moves each unit to the device as it shards it: the whole never has to fit
-        model.to(d.device)
-    model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    n_train = sum(p.numel() for p in trainable)
-    n_all = sum(p.numel() for p in model.parameters())
-    log(f"model: {type(model).__name__} from {model_dir}; trainable {n_train:,} of {n_all:,} parameters")
-    if d.world > 1:  # identical starting weights on every rank (LoRA init draws random numbers)
-        for p in trainable:
-            if p.device == d.device:
-                dist.broadcast(p.data, 0)
-            else:  # FSDP, still on the CPU: nccl broadcasts device tensors only
-                on_device = p.data.to(d.device)
-                dist.broadcast(on_device, 0)
-                p.data.copy_(on_device)
+    tokenizer, train_ex, eval_ex, kinds = _encode_data(cfg, model_dir, log, d)
     pad_id = tokenizer.pad_token_id
     data = MicroBatches(train_ex, cfg, d, pad_id)
-    runner: torch.nn.Module = shard_model(model, d) if fsdp else model
-    if fsdp:
-        trainable = [p for p in runner.parameters() if p.requires_grad]  # now sharded (DTensor)
-        log(f"FSDP2: {len(decoder_layers(model))} decoder layers + the root sharded over {d.world} ranks")
+
+    # -- model, laid over the ranks ------------------------------------------------------------
+    model = _build_model(cfg, model_dir, log)
+    runner, layout = distribute(model, d, cfg.train.parallel)  # what the step, eval and checkpoints call
+    if layout:
+        log(layout)
+    trainable = [p for p in runner.parameters() if p.requires_grad]  # FSDP: the local shards
     # Once, before training: turntune's label-only loss must equal the model's own loss on a real
     # batch, or this architecture's head does something we do not reproduce (raises ConfigError).
-    first = data.get(0).to(d.device)
-    if fsdp:
-        # The model's own forward below bypasses the root: run the root once first (FSDP sets
-        # itself up in the root's first forward), then gather the root unit's weights for it;
-        # each layer gathers its own.
-        with torch.no_grad():
-            per_token_losses(runner, first)
-        runner.unshard()
-    check_matches_model(model, first)
-    if fsdp:
-        runner.reshard()
+    check_loss(runner, model, data.get(0).to(d.device))
     optimizer = torch.optim.AdamW(param_groups(runner, cfg.train.weight_decay), lr=cfg.train.lr,
                                   betas=(0.9, 0.95), eps=1e-8)
     accum = cfg.train.grad_accum
@@ -355,8 +343,7 @@ def train(cfg: Config, *, resume: bool = False) -> TrainResult:
 
     start = 0
     if resume:
-        state = ckpt.load(out, runner, optimizer, scheduler)
-        start = state["step"]
+        start = ckpt.load(out, checkpointed(runner), optimizer, scheduler)["step"]
         log(f"resumed from step {start} ({ckpt.latest(out)})")
     log(f"training: {total} steps, {steps_per_epoch} per epoch, {accum} micro-batches per step, "
         f"{d.world} rank(s), bf16 autocast {'on' if amp else 'off'}")
@@ -367,60 +354,32 @@ def train(cfg: Config, *, resume: bool = False) -> TrainResult:
         t0 = time.time()
         r = evaluate(runner, eval_ex, pad_id=pad_id, max_length=cfg.data.max_length, kinds=kinds,
                      autocast=amp, device=d.device)
-        if fsdp:  # the root unit stays gathered after a forward without backward: free it
-            runner.reshard()
+        after_eval(runner)
         log(f"eval {tag}: loss {r.loss:.4f}  ppl {r.perplexity:.2f}  ({r.tokens} reply tokens, {time.time() - t0:.0f}s)")
         log.record(kind="eval", step=step, **r.to_dict())
         return r
 
     step = start
     eval_before = run_eval("before training") if start == 0 else None
-    skipped, history = 0, []
-    bar = None
-    if d.main and sys.stderr.isatty():
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    skipped = 0
+    bar = _progress_bar(d, total, start)
     t_start = time.time()
     while step < total:
         t0 = time.time()
         window = [data.get(step * accum + j).to(d.device) for j in range(accum)]
         denom = window_weight(window, device=d.device)  # whole window, all ranks (DESIGN.md §5)
-        loss_num = torch.zeros((), dtype=torch.float64, device=d.device)
-        finite = True
-        for batch in window:
-            with torch.autocast(device_type=d.device.type, dtype=torch.bfloat16, enabled=amp):
-                ls = batch_loss(runner, batch)
-            if not torch.isfinite(ls.weighted_sum):
-                finite = False
-                if not fsdp:
-                    break
-                # FSDP: every forward/backward is a collective, so all ranks run the whole
-                # window; the step is dropped (or stops) below on every rank alike.
-            backward_loss(ls, denom).backward()  # FSDP: reduce-scatters the averaged gradients
-            loss_num += ls.weighted_sum.detach().double()
-        if d.world > 1:  # average gradients (backward_loss scaled them by world size) and the loss
-            flag = torch.tensor([0.0 if finite else 1.0], device=d.device)
-            dist.all_reduce(flag)
-            finite = finite and flag.item() == 0
-            if not fsdp:
-                for p in trainable:
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                    dist.all_reduce(p.grad)
-                    p.grad /= d.world
-            dist.all_reduce(loss_num)
-        gnorm = torch.nn.utils.clip_grad_norm_(trainable, cfg.train.max_grad_norm or float("inf"))
-        if hasattr(gnorm, "full_tensor"):  # FSDP: a DTensor; the norm of the whole gradient
-            gnorm = gnorm.full_tensor()
+        loss_sum = sum_over_ranks(accumulate(runner, window, denom, amp), d)
+        finite = bool(torch.isfinite(loss_sum))
+        gnorm = clip_gradients(trainable, cfg.train.max_grad_norm)
         if not finite or not torch.isfinite(gnorm):
             where = f"step {step + 1}, micro-batches {step * accum}..{step * accum + accum - 1}"
+            what = "loss" if not finite else "gradient"
             if cfg.train.nonfinite == "stop":
-                raise TurntuneError(f"non-finite {'loss' if not finite else 'gradient'} at {where}; "
-                                    "lower train.lr, check the data, or set train.nonfinite=skip")
+                raise TurntuneError(f"non-finite {what} at {where}; lower train.lr, check the data, "
+                                    "or set train.nonfinite=skip")
             skipped += 1
             optimizer.zero_grad(set_to_none=True)
-            log(f"skipped {where}: non-finite {'loss' if not finite else 'gradient'} ({skipped} so far)")
+            log(f"skipped {where}: non-finite {what} ({skipped} so far)")
             scheduler.step()
             step += 1
             continue
@@ -430,46 +389,25 @@ def train(cfg: Config, *, resume: bool = False) -> TrainResult:
         optimizer.zero_grad(set_to_none=True)
         step += 1
 
-        loss = float(loss_num / denom.clamp_min(1e-30))
         dt = time.time() - t0
         real = sum(b.n_real_tokens for b in window) * d.world
         trained = sum(b.n_trained for b in window) * d.world
-        rec = dict(kind="train", step=step, loss=loss, lr=lr, grad_norm=float(gnorm), tokens_per_s=real / dt,
-                   trained_tokens_per_s=trained / dt, memory_gb=memory_gb(d.device), epoch=(step * accum) / max(1, data.per_epoch))
-        history.append(rec)
+        rec = dict(kind="train", step=step, loss=float(loss_sum / denom.clamp_min(1e-30)), lr=lr,
+                   grad_norm=float(gnorm), tokens_per_s=real / dt, trained_tokens_per_s=trained / dt,
+                   memory_gb=memory_gb(d.device), epoch=(step * accum) / max(1, data.per_epoch))
         log.record(**rec)
         if step % cfg.train.log_every == 0 or step == total:
-            line = (f"step {step}/{total} | loss {loss:.4f} | lr {lr:.2e} | gnorm {float(gnorm):.2f} | "
-                    f"tok/s {real / dt:,.0f} | trained tok/s {trained / dt:,.0f} | mem {rec['memory_gb']:.2f} GB")
-            if bar is not None:
-                bar.write(line)
-            else:
-                log(line)
+            _print_step(log, bar, rec, total)
         if bar is not None:
             bar.update(1)
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total:
             run_eval(f"at step {step}")
         if cfg.train.save_every and step % cfg.train.save_every == 0 and step < total:
-            _save(out, step, runner, optimizer, scheduler, cfg, d)
+            _save(out, step, checkpointed(runner), optimizer, scheduler, cfg, d)
     if bar is not None:
         bar.close()
     log(f"trained {step - start} steps in {time.time() - t_start:.0f}s; skipped non-finite steps: {skipped}")
     eval_after = run_eval("after training")
-    _save(out, step, runner, optimizer, scheduler, cfg, d)
-    final = out / "final"
-    # FSDP: every rank takes part in gathering the whole weights (adapters only for LoRA) to rank 0
-    final_state = ckpt.gathered_state(runner, trainable_only=cfg.train.method == "lora") if fsdp else None
-    if d.main:
-        try:
-            ckpt.save_final(final, model, tokenizer, cfg, state_dict=final_state)
-        except OSError as e:
-            raise TurntuneError(f"train.output_dir: cannot write the result to {final}: {e.strerror or e}; "
-                                f"the last checkpoint ({ckpt.latest(out)}) is intact") from None
-        from turntune.plot import plot_losses
-
-        png = plot_losses(out / "metrics.jsonl", out / "loss.png")
-        log(f"saved {final} and {png}")
-    log.close()
-    if d.world > 1:
-        dist.barrier()
+    _save(out, step, checkpointed(runner), optimizer, scheduler, cfg, d)
+    final = _save_final(out, runner, model, tokenizer, cfg, d, log)
     return TrainResult(out, final, step, eval_before, eval_after, skipped)
