@@ -7,7 +7,7 @@
     torchrun --nproc_per_node=1 bench/gpu_check.py fsdp  # FSDP2 with one process vs the whole model
 
 Each part prints one ``RESULT`` line: tokens/s and peak memory (CUDA: ``max_memory_allocated``;
-CPU: growth of the peak resident set). ``--cpu`` (or no CUDA device) runs the same code at tiny
+CPU: the peak resident set, for ``head`` its growth over the pass). ``--cpu`` (or no CUDA device) runs the same code at tiny
 sizes, in float32: it proves the script works, its figures mean nothing.
 """
 from __future__ import annotations
@@ -34,6 +34,11 @@ VOCAB = 151_552  # GLM-4's padded vocabulary
 
 def on_gpu(args: argparse.Namespace) -> bool:
     return not args.cpu and torch.cuda.is_available()
+
+
+def dtype_of(args: argparse.Namespace) -> str:
+    """Weights' dtype: ``--dtype``, else bfloat16 on the GPU and float32 on the CPU."""
+    return args.dtype or ("bfloat16" if on_gpu(args) else "float32")
 
 
 def peak_gib(device: torch.device, rss_before_kib: int = 0) -> float:
@@ -65,15 +70,15 @@ def lora(args: argparse.Namespace) -> None:
             f"data.chat_template={ROOT}/examples/templates/chatml-tools.jinja",
             f"train.output_dir={out}", "train.save_every=0", "train.eval_every=0", "lora.dropout=0.0",
             f"train.max_steps={args.steps}", "train.warmup_steps=1"]
-    if gpu:  # bf16 weights and autocast; rows of 8k tokens
-        over += ["model.dtype=bfloat16", "train.autocast=bf16", "data.max_length=8192", "train.micro_batch_tokens=8192"]
-    else:
-        over += ["train.autocast=fp32", "data.max_length=512", "train.micro_batch_tokens=512"]
+    bf16 = dtype_of(args) == "bfloat16"
+    over += [f"model.dtype={dtype_of(args)}", f"train.autocast={'bf16' if bf16 else 'fp32'}"]
+    length = 8192 if gpu else 512  # GPU: rows of 8k tokens
+    over += [f"data.max_length={length}", f"train.micro_batch_tokens={length}"]
     cfg = load_config(ROOT / "examples/smollm2-lora.yaml", over)
     train(cfg)
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in recs if r["kind"] == "train"][1:]  # the first step warms kernels and caches up
-    result(f"lora[{args.attn}]", device="cuda" if gpu else "cpu", steps=len(steps) + 1,
+    result(f"lora[{args.attn}]", device="cuda" if gpu else "cpu", dtype=dtype_of(args), steps=len(steps) + 1,
            tokens_per_s=f"{statistics.median(r['tokens_per_s'] for r in steps):,.0f}",
            trained_tokens_per_s=f"{statistics.median(r['trained_tokens_per_s'] for r in steps):,.0f}",
            peak_gib=f"{max(r['memory_gb'] for r in steps):.2f}", last_loss=f"{steps[-1]['loss']:.4f}")
@@ -102,12 +107,13 @@ def head_one(args: argparse.Namespace) -> None:
         hidden.grad = None
         lm_head.weight.grad = None
 
+    # The CPU's peak RSS cannot be reset, so its baseline is taken before the warm-up pass.
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     step()  # warm-up: kernels, allocator
     sync(device)
     if gpu:
         torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device) / 2**30 if gpu else 0.0
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
     for _ in range(args.repeat):
         step()
@@ -163,7 +169,8 @@ def fsdp(args: argparse.Namespace) -> None:
     _, examples, _ = _encode_split(ROOT / cfg.data.train, cfg, template, Log(d, None), "train",
                                    EncodeOptions("all", "token", length))
     data = MicroBatches(examples, cfg, d, tok.pad_token_id)
-    dtype = "bfloat16" if gpu else "float32"
+    dtype = dtype_of(args)
+    amp = dtype == "bfloat16"
 
     def run(sharded: bool) -> tuple[list[float], float, float]:
         torch.manual_seed(0)
@@ -179,7 +186,7 @@ def fsdp(args: argparse.Namespace) -> None:
         for s in range(args.steps):
             window = [data.get(s).to(device)]
             denom = window_weight(window, device=device)
-            losses.append(float(accumulate(runner, window, denom, gpu) / denom))
+            losses.append(float(accumulate(runner, window, denom, amp) / denom))
             clip_gradients(params, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -194,12 +201,12 @@ def fsdp(args: argparse.Namespace) -> None:
     whole, whole_rate, whole_mem = run(False)
     shard, shard_rate, shard_mem = run(True)
     worst = max(abs(a - b) / abs(a) for a, b in zip(whole, shard))
-    result("fsdp", device=device.type, backend=dist.get_backend(), steps=args.steps,
+    result("fsdp", device=device.type, backend=dist.get_backend(), dtype=dtype, steps=args.steps,
            whole_losses="/".join(f"{x:.4f}" for x in whole), fsdp_losses="/".join(f"{x:.4f}" for x in shard),
            max_rel_diff=f"{worst:.1e}", whole_tokens_per_s=f"{whole_rate:,.0f}", fsdp_tokens_per_s=f"{shard_rate:,.0f}",
            whole_peak_gib=f"{whole_mem:.2f}", fsdp_peak_gib=f"{shard_mem:.2f}")
     dist.destroy_process_group()
-    if worst > (2e-2 if gpu else 1e-5):  # bf16 on GPU; float32 on CPU: the same sums
+    if worst > (2e-2 if amp else 1e-5):  # bf16: rounding; float32: the same sums
         sys.exit(f"fsdp: losses differ from the whole model's by {worst:.1e} (relative)")
 
 
@@ -209,6 +216,7 @@ def main() -> None:
     ap.add_argument("--cpu", action="store_true", help="tiny float32 sizes on the CPU (also without CUDA)")
     ap.add_argument("--model", default="builtin:smollm2", help="model.path (a local folder or a built-in)")
     ap.add_argument("--attn", default="sdpa_varlen", help="model.attn_implementation")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], help="weights (lora, fsdp); default: bf16 on a GPU")
     ap.add_argument("--steps", type=int, default=6, help="training steps (lora, fsdp)")
     ap.add_argument("--repeat", type=int, default=5, help="timed head passes (head)")
     ap.add_argument("--variant", choices=["label", "full"], default="label", help=argparse.SUPPRESS)
