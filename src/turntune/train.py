@@ -261,8 +261,8 @@ def accumulate(runner: nn.Module, window: list[Batch], denom: torch.Tensor, amp:
     Gradients add up over the window, each micro-batch scaled by the whole window's ``denom``
     (``backward_loss``). DDP all-reduces once, in the last micro-batch's backward. Every rank runs
     the whole window even after a non-finite loss: under DDP and FSDP a backward is a collective
-    the other ranks wait in; the step is then dropped on every rank alike. (Nothing here waits
-    for the device: finiteness is read once, from the sum.)
+    the other ranks wait in; the step is then dropped on every rank alike (finiteness is read
+    once, from the sum, after all ranks' sums are added).
     """
     loss_sum = torch.zeros((), dtype=torch.float64, device=denom.device)
     for j, batch in enumerate(window):
