@@ -151,21 +151,30 @@ def test_fsdp_stopped_at_a_checkpoint_resumes_with_the_same_losses(fsdp_lora, tm
     assert eval_resumed == pytest.approx(eval_full, rel=1e-5)
 
 
+# SmolLM2's own template (the tiny Llama's) drops tool calls: the shipped one renders them
+TOOLS = ROOT / "examples/templates/chatml-tools.jinja"
+FULL = dict(method="full", lr=1e-3, save_every=0)
+
+
+@pytest.fixture(scope="module")
+def one_process_full(tiny_llama_path, tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("one-full")
+    _run(_cfg(tmp, tiny_llama_path, tmp / "one", 2, TOOLS, **FULL), 1)
+    return tmp / "one"
+
+
 @pytest.mark.slow
-def test_fsdp_full_fine_tuning_equals_one_process(tiny_llama_path, tmp_path):
-    """Every weight trained and sharded; tiny Llama ties its LM head to the embedding."""
-    kw = dict(method="full", lr=1e-3, save_every=0)
-    # SmolLM2's own template (the tiny Llama's) drops tool calls: the shipped one renders them
-    tools = ROOT / "examples/templates/chatml-tools.jinja"
-    _run(_cfg(tmp_path, tiny_llama_path, tmp_path / "one", 2, tools, **kw), 1)
-    _run(_cfg(tmp_path, tiny_llama_path, tmp_path / "two", 1, tools, parallel="fsdp", **kw), 2)
-    one, eval_one = _metrics(tmp_path / "one")
+@pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
+def test_full_fine_tuning_two_ranks_equal_one_process(one_process_full, tiny_llama_path, tmp_path, parallel):
+    """Every weight trained (and, with fsdp, sharded); tiny Llama ties its LM head to the embedding."""
+    _run(_cfg(tmp_path, tiny_llama_path, tmp_path / "two", 1, TOOLS, parallel=parallel, **FULL), 2)
+    one, eval_one = _metrics(one_process_full)
     two, eval_two = _metrics(tmp_path / "two")
     assert len(one) == len(two) == 4
     assert two == pytest.approx(one, rel=1e-5)
     assert eval_two == pytest.approx(eval_one, rel=1e-5)
-    a, b = (load_file(o / "final" / "model.safetensors") for o in (tmp_path / "one", tmp_path / "two"))
-    assert sorted(b) == sorted(a)  # the tied head is written once, as without FSDP
+    a, b = (load_file(o / "final" / "model.safetensors") for o in (one_process_full, tmp_path / "two"))
+    assert sorted(b) == sorted(a)  # the tied head is written once, as in one process
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
 
