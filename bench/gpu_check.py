@@ -166,8 +166,8 @@ def fsdp(args: argparse.Namespace) -> None:
     model_dir = resolve_path(cfg.model.path)
     tok = load_tokenizer(model_dir)
     template = resolve_template(tok, "auto", (ROOT / cfg.data.chat_template).read_text())
-    _, examples, _ = _encode_split(ROOT / cfg.data.train, cfg, template, Log(d, None), "train",
-                                   EncodeOptions("all", "token", length))
+    examples, _ = _encode_split(ROOT / cfg.data.train, cfg, template, Log(d, None), "train",
+                                EncodeOptions("all", "token", length), d)
     data = MicroBatches(examples, cfg, d, tok.pad_token_id)
     dtype = dtype_of(args)
     amp = dtype == "bfloat16"
