@@ -132,7 +132,7 @@ def time_best(fns: dict[str, Callable[[], object]], repeat: int) -> tuple[dict[s
 
 
 def bench_tokenizer(name: str, n: int, seed: int, repeat: int, profile: bool) -> bool:
-    from turntune.encode import EncodeOptions, encode_conversations, resolve_template
+    from turntune.encoding import EncodeOptions, encode_conversations, resolve_template
 
     tok = load_tokenizer(name)
     convs = conversations(n, seed)

@@ -45,7 +45,7 @@ TARGET_S = 10.0  # the issue: 10,000 messages encoded in under 10 s
 
 def run(conv, tok, source: str, full: bool):
     """Encode one conversation with a fresh template; (examples, wall s, CPU s, messages rendered)."""
-    from turntune.encode import EncodeOptions, encode_conversations
+    from turntune.encoding import EncodeOptions, encode_conversations
     from turntune.templates.hf import HFTemplate
 
     rendered = [0]

@@ -57,7 +57,7 @@ def _write_data(path: Path, n: int) -> None:
 
 def _template():
     from turntune import assets
-    from turntune.encode import resolve_template
+    from turntune.encoding import resolve_template
     from turntune.models import load_tokenizer
 
     tok = load_tokenizer(assets.smollm2_dir())
@@ -66,7 +66,7 @@ def _template():
 
 def encode_run(data: Path, out: Path, num_proc: int) -> dict:
     from turntune.dataset import write_encoded
-    from turntune.encode import EncodeOptions
+    from turntune.encoding import EncodeOptions
 
     tmpl = _template()
     peak, stop = [0], threading.Event()
@@ -95,7 +95,7 @@ def warm_run(data: Path, cache: Path) -> dict:
 
     from turntune.collate import packed_batches, rows_batch
     from turntune.dataset import cached_encode
-    from turntune.encode import EncodeOptions
+    from turntune.encoding import EncodeOptions
 
     tmpl = _template()
     rss0 = _tree_rss(os.getpid())
@@ -143,7 +143,7 @@ def main() -> None:
                       f"{runs[0]['seconds'] / runs[1]['seconds']:.2f}x", flush=True)
             # a warm cache where cached_encode looks for it: the folder the 1-process run wrote
             from turntune.dataset import encode_inputs, fingerprint
-            from turntune.encode import EncodeOptions
+            from turntune.encoding import EncodeOptions
 
             cache = tmp / f"cache{n}"
             cache.mkdir()

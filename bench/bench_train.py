@@ -8,7 +8,7 @@
     on q/k/v/o, AdamW lr 1e-4, clip 1.0, the same examples in the same order, 4 examples per step:
     (a) plain: right-padded batches of 4, ``model(input_ids, attention_mask, labels=labels).loss``;
     (b) turntune: the same 4 examples packed into rows of ``max_length`` (``pack_batch``), the
-        label-only head (``batch_loss`` + ``backward_loss``, as train.py);
+        label-only head (``batch_loss`` + ``backward_loss``, as training.py);
     (c) trl: ``SFTTrainer(assistant_only_loss=True)`` on the same conversations, sequential order,
         batch 4, fp32, gradient checkpointing off (TRL's defaults are bf16 and checkpointing on);
     (d) tt-dataset: turntune as ``turntune train`` batches: the whole pool packed into rows of
@@ -71,7 +71,7 @@ def prepare(max_length: int, strategy: str = "all", weighting: str = "token") ->
     encode to exactly one sequence within ``max_length`` (with ``all``: no window)."""
     from turntune.assets import smollm2_dir
     from turntune.data import load_conversations
-    from turntune.encode import EncodeOptions, encode_conversations, resolve_template
+    from turntune.encoding import EncodeOptions, encode_conversations, resolve_template
     from turntune.models import load_tokenizer
 
     tok = load_tokenizer(smollm2_dir())
@@ -343,7 +343,7 @@ def expand_vs_all(max_length: int, n_convs: int, rows_per_batch: int, seed: int,
     from turntune.assets import smollm2_dir
     from turntune.collate import packed_batches, rows_batch
     from turntune.data import load_conversations
-    from turntune.encode import EncodeOptions, EncodeReport, encode_conversations, resolve_template
+    from turntune.encoding import EncodeOptions, EncodeReport, encode_conversations, resolve_template
     from turntune.example import Example
     from turntune.loss import backward_loss, batch_loss, window_weight
     from turntune.models import load_tokenizer

@@ -41,7 +41,7 @@ from turntune import assets  # noqa: E402
 from turntune.collate import model_inputs, pad_batch, rows_batch  # noqa: E402
 from turntune.constants import IGNORE_INDEX  # noqa: E402
 from turntune.conversation import Conversation, Message, ToolCall  # noqa: E402
-from turntune.encode import EncodeOptions, EncodeReport, encode_conversations  # noqa: E402
+from turntune.encoding import EncodeOptions, EncodeReport, encode_conversations  # noqa: E402
 from turntune.loss import batch_loss  # noqa: E402
 from turntune.templates.hf import HFTemplate  # noqa: E402
 

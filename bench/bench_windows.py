@@ -48,7 +48,7 @@ from gen import long_tailed  # noqa: E402
 
 from turntune.constants import IGNORE_INDEX  # noqa: E402
 from turntune.conversation import Conversation  # noqa: E402
-from turntune.encode import EncodeOptions, EncodeReport, encode_conversations, resolve_template  # noqa: E402
+from turntune.encoding import EncodeOptions, EncodeReport, encode_conversations, resolve_template  # noqa: E402
 
 TARGET_SHARE, TARGET_COST = 0.99, 1.4  # issue 7
 CHUNK = 100

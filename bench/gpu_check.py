@@ -61,7 +61,7 @@ def result(part: str, **fields: object) -> None:
 def lora(args: argparse.Namespace) -> None:
     """``turntune train`` itself: its metrics.jsonl holds tokens/s and peak memory per step."""
     from turntune.config import load_config
-    from turntune.train import train
+    from turntune.training import train
 
     gpu = on_gpu(args)
     out = Path(tempfile.mkdtemp(prefix="gpu-check-lora-"))
@@ -148,11 +148,11 @@ def fsdp(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     from turntune.config import load_config
-    from turntune.encode import EncodeOptions, resolve_template
+    from turntune.encoding import EncodeOptions, resolve_template
     from turntune.loss import window_weight
     from turntune.models import add_lora, load_model, load_tokenizer, resolve_path
     from turntune.parallel import Dist, clip_gradients, final_weights, shard_model
-    from turntune.train import Log, MicroBatches, _encode_split, accumulate
+    from turntune.training import Log, MicroBatches, _encode_split, accumulate
 
     gpu = on_gpu(args)
     device = torch.device("cuda", 0) if gpu else torch.device("cpu")

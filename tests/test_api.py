@@ -43,10 +43,8 @@ def test_import_turntune_loads_no_torch_and_exposes_the_public_names():
     assert re.fullmatch(r"\d+\.\d+\.\d+", got["version"])
 
 
-# Names that are also their module's name: ``turntune.encode`` is the module once anything has
-# imported ``turntune.encode``. The lead's module renames (encoding.py, ...) end the clash; then
-# drop this set and the xfail mark below.
-CLASH_UNTIL_RENAMED = {"encode", "train", "evaluate"}
+# Functions whose names modules used to have (encode.py, train.py, evaluate.py, audit.py)
+FUNCTIONS = {"encode", "train", "evaluate"}
 
 
 def test_every_public_name_is_the_object_its_module_defines():
@@ -59,29 +57,30 @@ def test_every_public_name_is_the_object_its_module_defines():
         module, _, attr = turntune._EXPORTS[name].partition(":")
         want = getattr(importlib.import_module(module), attr)
         assert not inspect.ismodule(want), name
-        if name not in CLASH_UNTIL_RENAMED:
-            assert getattr(turntune, name) is want, name
+        assert getattr(turntune, name) is want, name
     with pytest.raises(AttributeError, match="module 'turntune' has no attribute 'nope'"):
         turntune.nope  # noqa: B018
 
 
-@pytest.mark.xfail(strict=True, reason="encode/train/evaluate share their module's name until the lead's "
-                                       "renames (encoding.py, ...); then this passes: remove the mark")
 def test_the_function_names_are_never_ambiguous():
+    import importlib.util
     import inspect
 
-    import turntune.encode  # noqa: F401  (what any other import of the module does too)
-    import turntune.evaluate  # noqa: F401
-    import turntune.train  # noqa: F401
+    import turntune.auditing  # noqa: F401  (what any other import of the module does too)
+    import turntune.encoding  # noqa: F401
+    import turntune.evaluation  # noqa: F401
+    import turntune.training  # noqa: F401
 
-    assert [inspect.isfunction(getattr(turntune, n)) for n in sorted(CLASH_UNTIL_RENAMED)] == [True] * 3
+    assert [inspect.isfunction(getattr(turntune, n)) for n in sorted(FUNCTIONS)] == [True] * 3
+    for name in (*FUNCTIONS, "audit"):  # no module shares a public function's name
+        assert importlib.util.find_spec(f"turntune.{name}") is None, name
 
 
 MSGS = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]
 
 
 def test_encode_needs_its_tokenizer():
-    from turntune.encode import encode
+    from turntune.encoding import encode
 
     with pytest.raises(TypeError, match="tokenizer"):
         encode(MSGS)  # type: ignore[call-arg]
@@ -92,7 +91,7 @@ def test_encode_needs_its_tokenizer():
 def test_encode_takes_a_chat_template():
     from toy import toy_tokenizer
 
-    from turntune.encode import encode
+    from turntune.encoding import encode
 
     chatml = (ROOT / "examples/templates/chatml-tools.jinja").read_text()
     tok = toy_tokenizer()  # GLM-4's special tokens: without a chat_template, the native GLM-4 format

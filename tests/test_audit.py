@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 
 from toy import toy_tokenizer
-from turntune.audit import audit
+from turntune.auditing import audit
 from turntune.cli import main
 from turntune.constants import IGNORE_INDEX
 from turntune.conversation import Conversation, Message, ToolCall
 from turntune.data import load_conversations
-from turntune.encode import EncodeOptions, encode_conversations, resolve_template
+from turntune.encoding import EncodeOptions, encode_conversations, resolve_template
 from turntune.inspect_view import format_report
 from turntune.templates.glm4 import GLM4Template
 

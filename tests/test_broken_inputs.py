@@ -26,7 +26,7 @@ from toy import SP, cid, toy_tokenizer
 from turntune.cli import main
 from turntune.conversation import Conversation, Message
 from turntune.data import RULES, load_conversations
-from turntune.encode import EncodeOptions, EncodeReport, encode_conversations
+from turntune.encoding import EncodeOptions, EncodeReport, encode_conversations
 from turntune.errors import DataError
 from turntune.templates.glm4 import GLM4Template
 
@@ -358,7 +358,7 @@ def test_cli_encode_skipping_every_broken_file(corpus, toy_dir, capsys, name):
 # made cold, with ``python -m turntune``, and must give the same exit code, stdout and stderr.
 DRIVER = """
 import json, os, runpy, sys, traceback
-import transformers.utils.logging, turntune.cli, turntune.data, turntune.encode, turntune.models
+import transformers.utils.logging, turntune.cli, turntune.data, turntune.encoding, turntune.models
 turntune.models.load_tokenizer(sys.argv[2])  # warm: the children inherit every module this imports
 
 def child(args):
@@ -731,7 +731,7 @@ def test_damaged_safetensors_are_found_by_their_header(tmp_path, damage):
 
 
 def test_truncated_weights_are_refused_before_the_data_is_read(toy_dir, tmp_path, monkeypatch, capsys):
-    import turntune.train as tr
+    import turntune.training as tr
 
     folder = tmp_path / "model"
     folder.mkdir()

@@ -240,7 +240,7 @@ def test_train_without_a_config_prints_usage(capsys):
 
 def test_demo_is_what_make_demo_runs(monkeypatch, tmp_path):
     """``turntune demo`` runs examples/smollm2-lora.yaml; ``make demo`` runs ``turntune demo``."""
-    import turntune.train as train_mod
+    import turntune.training as train_mod
     from turntune.config import load_config
 
     seen = []
@@ -294,7 +294,7 @@ def expected_shares(examples, weighting: str) -> dict[str, float]:
 @pytest.mark.parametrize("weighting", ["token", "turn", "sample"])
 def test_encode_report_shows_what_the_weighting_does(weighting, smollm2_path, tmp_path):
     from turntune.data import load_conversations
-    from turntune.encode import EncodeOptions, encode_conversations, resolve_template
+    from turntune.encoding import EncodeOptions, encode_conversations, resolve_template
     from turntune.models import load_tokenizer
 
     data = subset(tmp_path, "train", 20)

@@ -14,7 +14,7 @@ import pytest
 from turntune import dataset
 from turntune.data import load_conversations
 from turntune.dataset import EncodedData, cached_encode, check_folder, write_encoded
-from turntune.encode import EncodeOptions, EncodeReport, encode_conversations, resolve_template
+from turntune.encoding import EncodeOptions, EncodeReport, encode_conversations, resolve_template
 from turntune.errors import ConfigError, DataError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,7 +126,7 @@ def test_first_error_in_file_order_with_several_processes(chatml, tmp_path, smal
 
 
 def test_tool_call_kinds_survive(chatml, tmp_path):
-    from turntune.evaluate import turn_kinds
+    from turntune.evaluation import turn_kinds
 
     data = _data(tmp_path, copies=1, bad=False)
     got = write_encoded(data, chatml, EncodeOptions("all", "token", 2048), tmp_path / "c", num_proc=1)
@@ -204,7 +204,7 @@ def test_explicit_output_folder_is_checked_against_the_run(chatml, tmp_path):
 _RANK_SCRIPT = textwrap.dedent("""
     import json, sys, torch, torch.distributed as dist
     from turntune.dataset import cached_encode
-    from turntune.encode import EncodeOptions, resolve_template
+    from turntune.encoding import EncodeOptions, resolve_template
     from turntune.models import load_tokenizer
     dist.init_process_group("gloo")
     tmpl = resolve_template(load_tokenizer(sys.argv[1]), "hf", open(sys.argv[2]).read())

@@ -184,8 +184,8 @@ import json, sys
 import torch, torch.distributed as dist
 from turntune.collate import pack
 from turntune.data import load_conversations
-from turntune.encode import EncodeOptions, encode_conversations, resolve_template
-from turntune.evaluate import evaluate
+from turntune.encoding import EncodeOptions, encode_conversations, resolve_template
+from turntune.evaluation import evaluate
 from turntune.models import add_lora, load_model, load_tokenizer
 from turntune.parallel import Dist, shard_model
 
@@ -238,11 +238,11 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.nn.parallel import DistributedDataParallel
 from turntune.collate import pad_batch
 from turntune.data import load_conversations
-from turntune.encode import EncodeOptions, encode_conversations, resolve_template
+from turntune.encoding import EncodeOptions, encode_conversations, resolve_template
 from turntune.loss import window_weight
 from turntune.models import add_lora, load_model, load_tokenizer
 from turntune.parallel import distribute, setup_distributed, sum_over_ranks
-from turntune.train import accumulate
+from turntune.training import accumulate
 
 model_dir, data, result = sys.argv[1:]
 tok = load_tokenizer(model_dir)

@@ -9,7 +9,7 @@ import pytest
 from toy import SP, cid, toy_tokenizer
 from turntune.constants import IGNORE_INDEX
 from turntune.conversation import Conversation, Message, ToolCall
-from turntune.encode import EncodeOptions, EncodeReport, encode, encode_conversations
+from turntune.encoding import EncodeOptions, EncodeReport, encode, encode_conversations
 from turntune.errors import ConfigError
 from turntune.templates.glm4 import GLM4Template
 

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 from turntune.collate import pad_batch
 from turntune.constants import IGNORE_INDEX
 from turntune.conversation import Conversation, Message, ToolCall
-from turntune.encode import EncodeOptions, encode_conversations, resolve_template
+from turntune.encoding import EncodeOptions, encode_conversations, resolve_template
 from turntune.loss import batch_loss
 from turntune.models import load_tokenizer
 

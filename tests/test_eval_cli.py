@@ -15,7 +15,7 @@ import torch
 from turntune.cli import main
 from turntune.constants import IGNORE_INDEX
 from turntune.data import load_conversations
-from turntune.encode import EncodeOptions, encode_conversations, resolve_template
+from turntune.encoding import EncodeOptions, encode_conversations, resolve_template
 
 EVAL = Path(__file__).resolve().parents[1] / "examples" / "data" / "eval.jsonl"
 N = 6  # the first 6 conversations of the example eval split; the 6th has a tool call

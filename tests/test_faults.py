@@ -94,7 +94,7 @@ def trainable(out: Path, step: int) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def reference(toy_model, toy_data, tmp_path_factory) -> dict[int, float]:
     """Losses of an uninterrupted 6-step run: what every interrupted run must reproduce."""
-    from turntune.train import train
+    from turntune.training import train
 
     tmp = tmp_path_factory.mktemp("reference")
     train(load_config(write_cfg(tmp, toy_model, toy_data, tmp / "ref", save_every=0)))  # saving changes no loss
@@ -119,7 +119,7 @@ class _NanGrad(torch.autograd.Function):
 def poison(monkeypatch, at_call: int, kind: str) -> dict:
     """Make the loss (or its gradient) of the ``at_call``-th micro-batch non-finite; record the
     trainable weights seen at every call, to check that a skipped step changes nothing."""
-    import turntune.train as tr
+    import turntune.training as tr
 
     real = tr.batch_loss
     seen = {"calls": 0, "weights": []}
@@ -152,7 +152,7 @@ def test_nonfinite_stops_at_the_step_naming_it(toy_model, toy_data, tmp_path, mo
 
 
 def test_nonfinite_skip_skips_counts_and_changes_nothing(toy_model, toy_data, tmp_path, monkeypatch, capsys):
-    from turntune.train import train
+    from turntune.training import train
 
     out = tmp_path / "run"
     seen = poison(monkeypatch, at_call=3, kind="nan loss")
@@ -182,7 +182,7 @@ def test_a_huge_learning_rate_stops_with_the_step(toy_model, toy_data, tmp_path,
 # -- the output folder ------------------------------------------------------------------------------
 def _no_model_loading(monkeypatch) -> None:
     """Fail the test if training got as far as resolving the model folder."""
-    import turntune.train as tr
+    import turntune.training as tr
 
     def boom(*a, **k):
         raise AssertionError("the output folder was not checked before the model was loaded")
@@ -211,7 +211,7 @@ def test_dev_null_output_dir(toy_model, toy_data, tmp_path, monkeypatch, capsys)
 def test_a_full_disk_is_reported_before_anything_loads(toy_model, toy_data, tmp_path, monkeypatch, capsys):
     import shutil
 
-    import turntune.train as tr
+    import turntune.training as tr
 
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(tr.shutil, "disk_usage", lambda p: usage._replace(free=int(0.1 * 2**30)))
@@ -292,7 +292,7 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatc
 @pytest.mark.slow
 def test_disk_full_while_training_keeps_the_last_checkpoint_and_resumes_exactly(
         toy_model, toy_data, tmp_path, monkeypatch, reference):
-    from turntune.train import train
+    from turntune.training import train
 
     out = tmp_path / "run"
     cfg = load_config(write_cfg(tmp_path, toy_model, toy_data, out, save_every=2))
@@ -381,7 +381,7 @@ CHILD = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_sigkill_inside_a_checkpoint_write_then_resume_logs_the_same_losses(toy_model, toy_data, tmp_path, reference):
-    from turntune.train import train
+    from turntune.training import train
 
     out = tmp_path / "run"
     cfg_path = write_cfg(tmp_path, toy_model, toy_data, out, save_every=2)

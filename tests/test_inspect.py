@@ -10,7 +10,7 @@ import pytest
 from turntune.cli import main
 from turntune.constants import IGNORE_INDEX
 from turntune.data import load_conversations
-from turntune.encode import EncodeOptions, encode_conversations, resolve_template
+from turntune.encoding import EncodeOptions, encode_conversations, resolve_template
 from turntune.inspect_view import CLOSE, NEWLINE, OPEN, build_views, render_terminal, token_texts, use_color
 
 EVAL = str(Path(__file__).resolve().parents[1] / "examples" / "data" / "eval.jsonl")

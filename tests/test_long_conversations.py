@@ -21,7 +21,7 @@ import pytest
 from test_template_hf import LLAMA3, MISTRAL, QWEN3, QWEN25, TOOL_TOKENS, _variant
 from turntune.assets import GLM4_CHAT_TEMPLATE
 from turntune.conversation import Conversation, Message, ToolCall
-from turntune.encode import EncodeOptions, encode_conversations
+from turntune.encoding import EncodeOptions, encode_conversations
 from turntune.errors import TemplateError
 from turntune.templates import hf
 from turntune.templates.hf import HFTemplate

@@ -115,7 +115,7 @@ def test_the_cli_names_a_repo_id_it_cannot_find(offline_hub, tmp_path, capsys):
 def lora_run(tiny_llama_path, tmp_path_factory) -> Path:
     """One LoRA step on the tiny Llama with the example's ChatML-with-tools template (not the
     tokenizer's own): the run's final/ folder."""
-    from turntune.train import train
+    from turntune.training import train
 
     tmp = tmp_path_factory.mktemp("lora-run")
     lines = [ln for ln in (ROOT / "examples" / "data" / "train.jsonl").read_text().splitlines()

@@ -188,7 +188,7 @@ def test_every_new_rule_is_public():
 from toy import SP, cid, toy_tokenizer  # noqa: E402
 from turntune.constants import IGNORE_INDEX  # noqa: E402
 from turntune.conversation import Conversation  # noqa: E402
-from turntune.encode import (EncodeOptions, EncodeReport, check_lost, encode_conversations,  # noqa: E402
+from turntune.encoding import (EncodeOptions, EncodeReport, check_lost, encode_conversations,  # noqa: E402
                              resolve_template)
 from turntune.errors import TurntuneError  # noqa: E402
 from turntune.templates.glm4 import GLM4Template  # noqa: E402

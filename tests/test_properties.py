@@ -36,7 +36,7 @@ from toy import CHARS, SP, toy_tokenizer
 from turntune.constants import IGNORE_INDEX
 from turntune.conversation import Conversation
 from turntune.data import RULES, load_conversations
-from turntune.encode import EncodeOptions, EncodeReport, encode_conversations
+from turntune.encoding import EncodeOptions, EncodeReport, encode_conversations
 from turntune.errors import DataError, TurntuneError
 from turntune.example import Example
 from turntune.templates.glm4 import GLM4Template

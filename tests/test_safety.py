@@ -263,7 +263,7 @@ def test_a_whole_run_opens_no_socket(toy_model, tmp_path, monkeypatch):
     import huggingface_hub.constants
     import yaml
 
-    from turntune.train import train
+    from turntune.training import train
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)

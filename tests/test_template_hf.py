@@ -18,7 +18,7 @@ from tokenizers import AddedToken
 
 from turntune.assets import GLM4_CHAT_TEMPLATE
 from turntune.conversation import Conversation, Message, ToolCall
-from turntune.encode import EncodeOptions, encode_conversations
+from turntune.encoding import EncodeOptions, encode_conversations
 from turntune.errors import TemplateError
 from turntune.templates.glm4 import GLM4Template
 from turntune.templates.hf import HFTemplate
@@ -598,7 +598,7 @@ def test_a_template_that_never_reads_tools_shares_shapes_across_tool_lists(chatm
 
 
 def test_labels_and_weights_by_runs_equal_the_per_token_rule():
-    from turntune.encode import _labels_and_weights
+    from turntune.encoding import _labels_and_weights
 
     ids = list(range(100, 112))
     for turn, ends in [([-1, -1, 0, 0, 0, -1, -1, 1, 1, -1, -1, -1], {0: 5, 1: 9}),  # runs: fast way

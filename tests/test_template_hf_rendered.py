@@ -16,7 +16,7 @@ from tokenizers import AddedToken
 
 from turntune.constants import IGNORE_INDEX
 from turntune.conversation import Conversation, Message, ToolCall
-from turntune.encode import EncodeOptions, encode_conversations
+from turntune.encoding import EncodeOptions, encode_conversations
 from turntune.errors import TemplateError
 from turntune.templates.hf import HFTemplate, _key, _messages
 

@@ -61,7 +61,7 @@ def test_report_to_in_the_config():
 @pytest.fixture(scope="module")
 def tracked_run(tiny_llama_path, tmp_path_factory) -> Path:
     """Three LoRA steps on the tiny Llama with an evaluation before, at step 2 and after; TensorBoard on."""
-    from turntune.train import train
+    from turntune.training import train
 
     tmp = tmp_path_factory.mktemp("tracked")
     lines = [ln for ln in (ROOT / "examples" / "data" / "train.jsonl").read_text().splitlines()

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from turntune.config import load_config
-from turntune.train import train
+from turntune.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,7 +130,7 @@ def test_sigkill_then_resume_logs_the_same_losses(reference, tiny_glm_path, tmp_
 def test_chat_with_the_trained_adapter(reference):
     """What `make demo` ends with: load the run's final folder (adapter + its base) and talk."""
     from turntune.chat import chat_loop, load_for_chat
-    from turntune.encode import resolve_template
+    from turntune.encoding import resolve_template
 
     res, _ = reference
     model, tok = load_for_chat(res.final_dir)
@@ -146,7 +146,7 @@ def test_chat_with_the_trained_adapter(reference):
 def test_demo_run_again_keeps_the_earlier_run(tmp_path, monkeypatch, capsys):
     """`make demo` twice: the second run writes beside the first (``OUT-2``, then ``OUT-3``),
     never over it and never stopping on "already holds checkpoints"."""
-    import turntune.train as train_mod
+    import turntune.training as train_mod
     from turntune.cli import main
 
     out = tmp_path / "demo"

@@ -22,7 +22,7 @@ from reasoning import FAMILIES, ROUNDS, TOOL_LOOP, conversations, template_sourc
 from turntune.collate import model_inputs, pad_batch, rows_batch, tree_allowed
 from turntune.constants import IGNORE_INDEX
 from turntune.conversation import Conversation, Message, ToolCall
-from turntune.encode import EncodeOptions, EncodeReport, encode_conversations
+from turntune.encoding import EncodeOptions, EncodeReport, encode_conversations
 from turntune.errors import TemplateError
 from turntune.example import Example
 from turntune.loss import batch_loss, per_token_losses

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from turntune.constants import IGNORE_INDEX
 from turntune.conversation import Conversation, Message
-from turntune.encode import EncodeOptions, EncodeReport, encode_conversations, resolve_template
+from turntune.encoding import EncodeOptions, EncodeReport, encode_conversations, resolve_template
 from turntune.models import load_tokenizer
 
 

@@ -26,12 +26,12 @@ _EXPORTS: dict[str, str] = {
     "Template": "turntune.templates.base:Template",
     "GLM4Template": "turntune.templates.glm4:GLM4Template",
     "HFTemplate": "turntune.templates.hf:HFTemplate",
-    "resolve_template": "turntune.encode:resolve_template",
-    "encode": "turntune.encode:encode",
-    "encode_conversations": "turntune.encode:encode_conversations",
-    "EncodeOptions": "turntune.encode:EncodeOptions",
-    "EncodeReport": "turntune.encode:EncodeReport",
-    "loss_shares": "turntune.encode:loss_shares",
+    "resolve_template": "turntune.encoding:resolve_template",
+    "encode": "turntune.encoding:encode",
+    "encode_conversations": "turntune.encoding:encode_conversations",
+    "EncodeOptions": "turntune.encoding:EncodeOptions",
+    "EncodeReport": "turntune.encoding:EncodeReport",
+    "loss_shares": "turntune.encoding:loss_shares",
     "Example": "turntune.example:Example",
     "IGNORE_INDEX": "turntune.constants:IGNORE_INDEX",
     # a run's config and what it encodes
@@ -50,10 +50,10 @@ _EXPORTS: dict[str, str] = {
     "per_token_losses": "turntune.loss:per_token_losses",
     "step_loss": "turntune.loss:step_loss",
     # training and evaluation
-    "train": "turntune.train:train",
-    "TrainResult": "turntune.train:TrainResult",
-    "evaluate": "turntune.evaluate:evaluate",
-    "EvalResult": "turntune.evaluate:EvalResult",
+    "train": "turntune.training:train",
+    "TrainResult": "turntune.training:TrainResult",
+    "evaluate": "turntune.evaluation:evaluate",
+    "EvalResult": "turntune.evaluation:EvalResult",
     # errors
     "TurntuneError": "turntune.errors:TurntuneError",
     "DataError": "turntune.errors:DataError",
@@ -70,11 +70,9 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module 'turntune' has no attribute {name!r}")
     module_name, _, attr = target.partition(":")
     value = getattr(importlib.import_module(module_name), attr)
-    # Kept for the next lookup, unless the name is also a submodule's (``turntune.encode`` the
-    # module holds ``encode`` the function): caching would then make ``import turntune.encode``
-    # bind the function. Such names clash until their modules are renamed.
-    if module_name != f"{__name__}.{name}":
-        globals()[name] = value
+    # Kept for the next lookup. No public name is also a submodule's name (the modules are
+    # encoding, training, evaluation, auditing), so ``turntune.encode`` is always the function.
+    globals()[name] = value
     return value
 
 

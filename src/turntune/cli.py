@@ -40,7 +40,7 @@ def _validate(a) -> int:
     print(res.report.summary())
     refused = 0
     if a.model:  # what only a template can tell: the records it refuses, drops text of, or cannot span
-        from turntune.encode import EncodeOptions, EncodeReport, encode_conversations, resolve_template
+        from turntune.encoding import EncodeOptions, EncodeReport, encode_conversations, resolve_template
         from turntune.models import load_tokenizer
 
         tok = load_tokenizer(a.model)
@@ -125,8 +125,8 @@ def _encode(a) -> int:
     """Streams the file through the encoded-data cache that ``train`` reads with the same settings
     (or into ``--output``, which ``train`` takes as ``data.train``)."""
     from turntune.dataset import cached_encode, write_encoded
-    from turntune.encode import loss_shares
-    from turntune.evaluate import MAX_TURN_BUCKET
+    from turntune.encoding import loss_shares
+    from turntune.evaluation import MAX_TURN_BUCKET
     from turntune.models import check_model_folder
     from turntune.recipes import recipe
 
@@ -153,7 +153,7 @@ def _encode(a) -> int:
 
 def _train(a) -> int:
     from turntune.config import load_config
-    from turntune.train import train
+    from turntune.training import train
 
     cfg = load_config(a.config, a.overrides)
     train(cfg, resume=a.resume)
@@ -167,12 +167,12 @@ def _eval(a) -> int:
 
     from turntune.chat import load_for_chat
     from turntune.data import load_conversations
-    from turntune.encode import encode_conversations
+    from turntune.encoding import encode_conversations
     from turntune.errors import ConfigError, DataError
-    from turntune.evaluate import evaluate, turn_kinds
+    from turntune.evaluation import evaluate, turn_kinds
     from turntune.models import check_model_folder, load_tokenizer
     from turntune.recipes import has_tokenizer, recipe, tokenizer_folder
-    from turntune.train import use_autocast
+    from turntune.training import use_autocast
 
     cfg = config_from_args(a)
     tuned = a.tuned
@@ -235,7 +235,7 @@ def precision_note(setting: str, amp: bool, device, dtype: str = "float32") -> s
 
 def _chat(a) -> int:
     from turntune.chat import chat_loop, load_for_chat
-    from turntune.encode import resolve_template
+    from turntune.encoding import resolve_template
     from turntune.models import check_model_folder
 
     check_model_folder(a.model)
@@ -258,7 +258,7 @@ def _demo(a) -> int:
     from turntune.config import load_config
     from turntune.errors import ConfigError
     from turntune.recipes import recipe
-    from turntune.train import train
+    from turntune.training import train
 
     if a.config == DEMO_CONFIG and not Path(DEMO_CONFIG).is_file():
         raise ConfigError(f"demo: {DEMO_CONFIG} not found; run `turntune demo` in the root of a turntune checkout "

@@ -53,7 +53,7 @@ import numpy as np
 
 from turntune.constants import IGNORE_INDEX
 from turntune.data import DataReport, read_chunks, validate_chunk
-from turntune.encode import EncodeOptions, EncodeReport, encode_conversations
+from turntune.encoding import EncodeOptions, EncodeReport, encode_conversations
 from turntune.errors import ConfigError, DataError, TurntuneError
 from turntune.example import Example
 

@@ -61,8 +61,8 @@ def _setup(a):
 
 
 def run_inspect(a) -> int:
-    from turntune.audit import control_ids
-    from turntune.encode import EncodeReport, encode_conversations
+    from turntune.auditing import control_ids
+    from turntune.encoding import EncodeReport, encode_conversations
     from turntune.inspect_view import build_views, render_html, render_terminal, use_color
 
     if a.n < 1:
@@ -91,7 +91,7 @@ def run_inspect(a) -> int:
 
 
 def run_audit(a) -> int:
-    from turntune.audit import audit
+    from turntune.auditing import audit
     from turntune.inspect_view import format_report
 
     data, convs, r = _setup(a)

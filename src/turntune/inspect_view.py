@@ -11,7 +11,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from turntune.audit import MAX_LISTED, AuditReport
+from turntune.auditing import MAX_LISTED, AuditReport
 from turntune.constants import IGNORE_INDEX
 from turntune.conversation import Conversation
 from turntune.example import Example

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from turntune.config import Config
-from turntune.encode import EncodeOptions, resolve_template
+from turntune.encoding import EncodeOptions, resolve_template
 from turntune.errors import ConfigError
 from turntune.templates.base import Template
 

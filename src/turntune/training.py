@@ -31,9 +31,9 @@ from torch import nn
 from turntune.collate import Batch, pad_batch, packed_batches, rows_batch, token_budget_batches
 from turntune.config import Config
 from turntune.dataset import cached_encode
-from turntune.encode import EncodeOptions, check_lost
+from turntune.encoding import EncodeOptions, check_lost
 from turntune.errors import ConfigError, TurntuneError
-from turntune.evaluate import EvalResult, evaluate
+from turntune.evaluation import EvalResult, evaluate
 from turntune.loss import backward_loss, batch_loss, window_weight
 from turntune import checkpoint as ckpt
 from turntune.models import add_lora, check_model_folder, load_model, resolve_path

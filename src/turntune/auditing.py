@@ -17,14 +17,14 @@ from dataclasses import dataclass, field
 
 from turntune.constants import IGNORE_INDEX
 from turntune.conversation import Conversation
-from turntune.encode import EncodeOptions, EncodeReport, conversation_error, encode_conversations, render_each
+from turntune.encoding import EncodeOptions, EncodeReport, conversation_error, encode_conversations, render_each
 from turntune.errors import TurntuneError
 from turntune.example import Example
 from turntune.templates.base import Rendered, Template
 
 COST_STRATEGIES = ("expand", "all", "last")
 TEMPLATE_ROLE = "template"  # tokens that belong to no message
-TURN_BUCKETS = 16  # replies from the 16th on are counted together, as in evaluate.py
+TURN_BUCKETS = 16  # replies from the 16th on are counted together, as in evaluation.py
 # Words a template writes as a role header. Removed before deciding whether a message carries
 # text that is neither its content nor markup (a date, a default prompt): only what is left counts.
 HEADER_WORDS = ("system", "user", "assistant", "tool", "ipython", "observation", "model", "function")
