@@ -130,7 +130,8 @@ def test_a_tracker_that_is_not_installed_is_a_config_error(monkeypatch, tmp_path
     assert str(e.value) == "train.report_to: wandb is not installed; pip install wandb (or remove wandb from train.report_to)"
     assert not list(tmp_path.glob("events.out.tfevents.*"))  # checked before any tracker started
     # through the command line: one line, before anything is loaded or trained
-    assert main(["train", "--train.report_to=wandb", f"--train.output_dir={tmp_path / 'run'}"]) == 2
+    config = str(Path(__file__).resolve().parents[1] / "examples" / "smollm2-lora.yaml")
+    assert main(["train", config, "--train.report_to=wandb", f"--train.output_dir={tmp_path / 'run'}"]) == 2
     assert capsys.readouterr().err == f"turntune: error: {e.value}\n"
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 

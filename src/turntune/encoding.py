@@ -421,7 +421,12 @@ class _Encoder:
         self.sys = 1 if msgs and msgs[0].role == "system" else 0
         # A window or truncated history starts at a round: a user message (never inside a tool chain).
         self.round_starts = [i for i, m in enumerate(msgs) if m.role == "user" and i >= self.sys] or [self.sys]
-        self._cum = None
+        # Token counts per message of the whole rendering, made on first use (_counts): only long
+        # conversations need them, to estimate a window's length before rendering it.
+        self._cum: list[int] | None = None  # cumulative tokens per message
+        self.msg_tok: list[int] = []
+        self.overhead = 0  # tokens outside messages plus the system prompt's
+        self.tail: list[int] = []  # per reply: its message's tokens after its terminator
 
     def _counts(self):
         if self._cum is None:
@@ -489,8 +494,7 @@ class _Encoder:
     def _est(self, start: int, end: int) -> int:
         """Estimated tokens of the system prompt plus messages[start..end] rendered alone."""
         self._counts()
-        self.cum = self._cum
-        return self.overhead + self.cum[end + 1] - self.cum[start]
+        return self.overhead + self._cum[end + 1] - self._cum[start]
 
     def _render_slice(self, start: int, end: int) -> tuple[Rendered, list[int], int]:
         """Render system + messages[start..end]. Returns it, the map from its message indices to

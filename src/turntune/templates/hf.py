@@ -314,24 +314,32 @@ class HFTemplate:
 
     # -- the analysis of one shape ----------------------------------------------------------
     def _build(self, msgs: tuple, tools: tuple[str, list | None], gen: bool, source: str, with_words: bool) -> _Plan:
-        """Cut the rendering of the messages ``msgs`` into labelled pieces (see the module docstring)."""
+        """Cut the rendering of the messages ``msgs`` into labelled pieces (see the module docstring):
+        where each message starts, where each reply's span is, then the pieces between those points."""
         text = self._try(msgs, tools, gen, source)
         if text is None:
             text = self._render(_messages(msgs), tools[1], gen, source)  # raises the template's error
         found = list(_SLOT.finditer(text)) if with_words else []
         slots = [(m.start(), m.end()) for m in found]
-        slot_end = {int(m.group(1)): m.end() for m in found}
-        slot_start, slot_stop = [a for a, _ in slots], [b for _, b in slots]
         added = self._glue_tokens(text, slots)
+        exact, label, ends = self._message_starts(msgs, tools, gen, source, text, found, with_words)
+        spans, extra = self._reply_spans(msgs, tools, gen, source, text, slots, added, exact, label, ends, with_words)
+        return self._pieces(msgs, gen, source, text, found, slots, added, exact, label, spans, extra)
+
+    def _message_starts(self, msgs: tuple, tools: tuple[str, list | None], gen: bool, source: str, text: str,
+                        found: list[re.Match], with_words: bool) -> tuple[list, list[int], dict | None]:
+        """Where each message starts in ``text``: ``exact`` (None where no prefix rendering is a prefix
+        of the whole; index n: the end, a generation prompt follows it), ``label`` (exact, else the best
+        estimate, for labels), and ``ends`` (long conversations: every prefix's end predicted and checked,
+        else None and the prefixes are rendered)."""
         n = len(msgs)
-        asst = [i for i, m in enumerate(msgs) if m[0] == "assistant"]
-        # Where message j starts, when exact (n: the end; a generation prompt follows it). The
-        # generation prompt's plan gets the same cuts as the rendering's, so the same tokens.
+        slot_end = {int(m.group(1)): m.end() for m in found}
+        # The generation prompt's plan gets the same cuts as the rendering's, so the same tokens.
         whole = self._try(msgs, tools, False, source) if gen else text
         exact: list[int | None] = [None] * n + [len(whole) if whole is not None and text.startswith(whole) else None]
-        label = [0] * n + [len(text)]  # message starts for labels: exact, else the best estimate
+        label = [0] * n + [len(text)]
         label[0] = self._first_start(msgs, tools, text, source)
-        ends = None  # long conversations: every prefix's end predicted and checked, else rendered below
+        ends = None
         if with_words and n >= self._long_from:
             ends = self._prefix_ends(msgs, tools, text, source)
             self._long_paths["predicted" if ends is not None else "full"] += 1
@@ -350,9 +358,18 @@ class HFTemplate:
             if (last := list(_SLOT.finditer(prefix))) and int(last[-1].group(1)) in slot_end:
                 end, tail = slot_end[int(last[-1].group(1))], prefix[last[-1].end():]
                 label[j] = max(label[j], end + len(os.path.commonprefix([tail, text[end:end + len(tail)]])))
+        return exact, label, ends
+
+    def _reply_spans(self, msgs: tuple, tools: tuple[str, list | None], gen: bool, source: str, text: str,
+                     slots: list[tuple[int, int]], added: dict, exact: list, label: list[int], ends: dict | None,
+                     with_words: bool) -> tuple[list[tuple[int, int] | None], tuple[int, int, int] | None]:
+        """Each reply's exact span ``(start, stop)`` in ``text`` (None where there is none: the
+        conversation is then not prefix-stable), and GLM-4's appended final terminator, if any."""
+        n = len(msgs)
+        slot_start, slot_stop = [a for a, _ in slots], [b for _, b in slots]
         spans: list[tuple[int, int] | None] = []
         extra, why = None, ""
-        for k, a in enumerate(asst):
+        for k, a in enumerate(i for i, m in enumerate(msgs) if m[0] == "assistant"):
             if ends is not None:
                 prompt, start, end = None, ends[a, True], exact[a + 1]
             else:
@@ -391,6 +408,16 @@ class HFTemplate:
                 why = "the template writes no end-of-turn token and no added token follows it"
         if spans and spans[-1] is None and not gen:
             raise TemplateError(f"{source}: cannot find the exact span of the final reply: {why}", rule="span_not_found")
+        return spans, extra
+
+    def _pieces(self, msgs: tuple, gen: bool, source: str, text: str, found: list[re.Match],
+                slots: list[tuple[int, int]], added: dict, exact: list, label: list[int],
+                spans: list[tuple[int, int] | None], extra: tuple[int, int, int] | None) -> _Plan:
+        """The plan: ``text`` cut at every message start, reply span end and added token, each piece
+        labelled with its reply and message, and where its tokens start in the whole rendering's."""
+        n = len(msgs)
+        asst = [i for i, m in enumerate(msgs) if m[0] == "assistant"]
+        slot_start, slot_stop = [a for a, _ in slots], [b for _, b in slots]
         cuts = {0, len(text)} | {p for s, (e, _) in added.items() for p in (s, e)}
         points = sorted(cuts | {p for p in exact if p is not None} | {p for sp in spans if sp for p in sp})
         before = [bisect.bisect_right(slot_stop, p) for p in points]  # sentinels ending at or before each point
@@ -422,12 +449,14 @@ class HFTemplate:
         for i in meets:  # the next piece starts after this one's tokens
             offset[i + 1] = offset[i] + len(known.get(i, ()))
         glue = [text[a:b] for a, b in zip([0] + [e for _, e in slots], [s for s, _ in slots] + [len(text)])]
-        return _Plan(tuple(glue), tuple(int(m.group(1)) for m in found), tuple(e - s for s, e in slots),
-                     tuple(points), tuple(before), tuple(token), tuple(map(tuple, runs)),
-                     tuple(-1 if extra and extra[2] == k else i for k, i in enumerate(last)),
-                     extra, not gen and all(sp is not None for sp in spans),
-                     tuple(b - (not m) for b, m in zip(anchor, marker)), tuple(offset),
-                     tuple(t for t in token if t >= 0), tuple(known.items()), len(known) == len(meets))
+        return _Plan(glue=tuple(glue), words=tuple(int(m.group(1)) for m in found),
+                     slot_len=tuple(e - s for s, e in slots), points=tuple(points), slots_before=tuple(before),
+                     token=tuple(token), runs=tuple(map(tuple, runs)),
+                     turn_end_piece=tuple(-1 if extra and extra[2] == k else i for k, i in enumerate(last)),
+                     extra=extra, prefix_stable=not gen and all(sp is not None for sp in spans),
+                     anchor=tuple(b - (not m) for b, m in zip(anchor, marker)), offset=tuple(offset),
+                     markers=tuple(t for t in token if t >= 0), known=tuple(known.items()),
+                     joinable=len(known) == len(meets))
 
     def _glue_tokens(self, text: str, slots: list[tuple[int, int]]) -> dict[int, tuple[int, int]]:
         """Added tokens the template wrote, ``{start: (end, id)}``, matched by the tokenizer's own
