@@ -14,6 +14,8 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+from turntune.data import Format, OnInvalid  # each closed set of choices is defined once, where it is used
+from turntune.encoding import Strategy, TemplateName, Weighting
 from turntune.errors import ConfigError
 
 
@@ -70,18 +72,18 @@ class DataConfig:
     GLM-4 or ShareGPT records), or a folder written by ``turntune encode --output``."""
     eval: str | None = "examples/data/eval.jsonl"
     """Held-out data for periodic evaluation, or null."""
-    format: Literal["auto", "openai", "glm4", "sharegpt"] = "auto"
+    format: Format = "auto"
     """Record shape; ``auto`` detects it per record."""
-    on_invalid: Literal["error", "skip"] = "error"
+    on_invalid: OnInvalid = "error"
     """``error``: stop at the first bad record. ``skip``: go on, and count skips per rule."""
-    template: Literal["auto", "glm4", "hf"] = "auto"
+    template: TemplateName = "auto"
     """``glm4``: the native GLM-4 format; ``hf``: the tokenizer's chat_template; ``auto``: glm4 when
     the tokenizer has GLM-4's special tokens."""
     chat_template: str | None = None
     """A Jinja file to use instead of the tokenizer's own chat_template."""
-    strategy: Literal["all", "expand", "last", "full"] = "all"
+    strategy: Strategy = "all"
     """Which replies are trained: all in one pass, one sample per reply, the last, or every token."""
-    weighting: Literal["token", "turn", "sample"] = "token"
+    weighting: Weighting = "token"
     """How token losses are averaged: per token, each reply once (= expand's per-sample mean), or
     each conversation once."""
     max_length: int = 1024

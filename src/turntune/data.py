@@ -56,14 +56,14 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator, Literal, get_args
 
 from turntune.conversation import Conversation, Message, ToolCall
 from turntune.errors import ConfigError, DataError, printable
 
 Format = Literal["auto", "openai", "glm4", "sharegpt"]
 OnInvalid = Literal["error", "skip"]
-FORMATS: tuple[str, ...] = ("auto", "openai", "glm4", "sharegpt")
+FORMATS: tuple[str, ...] = get_args(Format)
 # The closed set of rule names a DataError from this module can carry (part of the public API).
 RULES: tuple[str, ...] = (
     "missing_file", "bad_json", "bad_utf8", "unknown_format", "unknown_role", "content_not_string",
@@ -189,7 +189,7 @@ def iter_conversations(path: str | Path, *, format: Format = "auto", on_invalid:
     >>> rep = DataReport(); n = sum(1 for _ in iter_conversations("train.jsonl", report=rep))
     """
     _check_choice("format", format, FORMATS)
-    _check_choice("on_invalid", on_invalid, ("error", "skip"))
+    _check_choice("on_invalid", on_invalid, get_args(OnInvalid))
     report = report if report is not None else DataReport()
     chunks = read_chunks(path, chunk_size)
     report.path = chunks.name

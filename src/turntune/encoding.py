@@ -37,9 +37,9 @@ from typing import Literal, get_args
 
 from turntune.constants import IGNORE_INDEX
 from turntune.conversation import Conversation
-from turntune.errors import ConfigError, DataError, TurntuneError
+from turntune.data import OnInvalid
+from turntune.errors import ConfigError, DataError, TemplateError, TurntuneError
 from turntune.example import Example
-from turntune.errors import TemplateError
 from turntune.templates.base import Rendered, Template
 from turntune.tree import trees_of
 
@@ -322,7 +322,7 @@ def encode_conversations(
     (``"skip"``). Why 4096: each batch call wakes the tokenizer's thread pool, and its threads burn
     CPU before going back to sleep, so fewer, larger calls cost less (bench/README.md, encoding).
     """
-    check_choice("on_invalid", on_invalid, ("error", "skip"))
+    check_choice("on_invalid", on_invalid, get_args(OnInvalid))
     if options.strategy == "full":  # Python's default filter shows it once per call site
         warnings.warn("strategy 'full' trains on user and system tokens too: the model learns to write "
                       "the user's turns. Use 'all' unless you are comparing.", stacklevel=2)
