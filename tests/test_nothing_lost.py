@@ -390,3 +390,10 @@ def test_reply_tokens_trained_never_exceed_the_reply_tokens_when_history_is_rewr
         assert rep.not_prefix_stable == 1
         own = sum(len(f"<think>think {i}</think>{w}") + 1 for i, w in ((1, "one"), (2, "two")))  # + <|endoftext|>
         assert rep.reply_tokens_trained == rep.reply_tokens == own
+
+
+def test_reasoning_on_a_non_assistant_message_is_a_rule_not_a_silent_drop():
+    err = error_of({"messages": [{"role": "user", "content": "q", "reasoning_content": "hidden"}, a("r")]})
+    assert (err.rule, err.turn) == ("bad_reasoning", 1)
+    assert "only assistant replies carry reasoning" in str(err)
+    parse_record({"messages": [{"role": "user", "content": "q", "reasoning_content": None}, a("r")]})  # null: nothing

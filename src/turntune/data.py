@@ -506,6 +506,9 @@ def _reply_fields(m: dict, role: str, content: str, source: str, turn: int) -> t
             msg = f"weight must be 0 or 1, not {weight!r} (0: context only, 1: trained)"
         raise DataError(msg, source=source, turn=turn, rule="bad_weight")
     if role != "assistant":
+        if m.get("reasoning_content") is not None:  # read, so not counted as ignored: refuse, never drop
+            raise DataError(f"reasoning_content on a {role} message: only assistant replies carry reasoning "
+                            "(move it into the content, or remove it)", source=source, turn=turn, rule="bad_reasoning")
         return content, "", 1
     reasoning = m.get("reasoning_content")
     if reasoning is not None and not isinstance(reasoning, str):
