@@ -397,3 +397,11 @@ def test_reasoning_on_a_non_assistant_message_is_a_rule_not_a_silent_drop():
     assert (err.rule, err.turn) == ("bad_reasoning", 1)
     assert "only assistant replies carry reasoning" in str(err)
     parse_record({"messages": [{"role": "user", "content": "q", "reasoning_content": None}, a("r")]})  # null: nothing
+
+
+def test_keys_read_only_on_some_roles_are_counted_elsewhere(tmp_path):
+    p = tmp_path / "n.jsonl"
+    p.write_text(json.dumps({"messages": [{"role": "user", "content": "q", "name": "alice"},
+                                          {"role": "assistant", "content": "r", "name": "bot", "tool_call_id": "x"}]})
+                 + "\n")
+    assert load_conversations(p).report.ignored_keys == Counter({"message.name": 2, "message.tool_call_id": 1})

@@ -423,6 +423,8 @@ def _count_unread(obj: Any, fmt: str, ignored: Counter) -> None:
         msgs = obj
     for m in msgs:
         ignored.update(f"message.{k}" for k in m if k not in message_keys)
+        if fmt == "openai" and m.get("role") != "tool":  # read on tool results only
+            ignored.update(f"message.{k}" for k in ("name", "tool_call_id") if k in m)
 
 
 def _messages(obj: Any, key: str, fmt: str, source: str) -> list:
