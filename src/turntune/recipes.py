@@ -57,6 +57,9 @@ class Recipe:
             source = f" (chat_template {d.chat_template})"
         else:
             source = f" (chat_template of {self.tokenizer_dir})"
+        kwargs = getattr(self.template, "template_kwargs", None)
+        if kwargs:
+            source += f", template_kwargs {kwargs}"
         return (f"template {self.template.name}{source}, strategy {o.strategy}, weighting {o.weighting}, "
                 f"max_length {o.max_length}, history_fraction {o.history_fraction:g}, "
                 f"cut_long_replies {str(o.cut_long_replies).lower()}")
@@ -82,7 +85,8 @@ def recipe(cfg: Config, tokenizer_from: str | Path | None = None) -> Recipe:
             why = getattr(e, "strerror", None) or e
             raise ConfigError(f"data.chat_template: cannot read {cfg.data.chat_template}: {why}") from None
         tokenizer.chat_template = chat_template  # saved with a run's result, so `chat` and `eval` use it too
-    return Recipe(cfg, tokenizer, resolve_template(tokenizer, cfg.data.template, chat_template), folder)
+    template = resolve_template(tokenizer, cfg.data.template, chat_template, cfg.data.template_kwargs)
+    return Recipe(cfg, tokenizer, template, folder)
 
 
 def tokenizer_folder(path: str | Path) -> Path:
