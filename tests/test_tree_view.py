@@ -178,6 +178,8 @@ def test_audit_checks_trees_against_expansion_and_reports_them(case, tmp_path):
     rep = audit([dataclasses.replace(ROUNDS, source=f"{data}:1")], tok, resolve_template(tok, "hf"),
                 EncodeOptions("all", max_length=1024))
     assert (rep.tree_examples, rep.tree_replies_checked, rep.tree_mismatch_count, rep.ok) == (1, 3, 0, True)
+    # a reply's reasoning is its data, not text the template adds (else each one is listed apart)
+    assert rep.added_text == [] and rep.format_markers == {"[gMASK]<sop>": 1}
     report = tmp_path / "audit.json"
     code, out, err = run(["audit", str(data), "--model", str(folder), "--json", str(report)])
     assert code == 0, err

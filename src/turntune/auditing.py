@@ -336,16 +336,21 @@ def _template_text(rep: AuditReport, tokenizer, template: Template, convs: list[
             dropped["tool calls (replies)"] += any(call.name not in text for call in msg.tool_calls)
             if msg.tool_calls:
                 continue
-        data = sorted(([(own[ci, m], m)] if msg is not None and own[ci, m] else []) + elsewhere.get(ci, []),
-                      key=lambda fj: -len(fj[0]))
+        # The data in it, each with the name it is shown by: the same added text then reads the same.
+        data = [(f, "{content}" if j == m else f"{{message {j}}}") for f, j in elsewhere.get(ci, [])]
+        if msg is not None and own[ci, m]:
+            data.append((own[ci, m], "{content}"))
+        if msg is not None and msg.reasoning and (r := _find(msg.reasoning, text)) is not None:
+            data.append((r, "{reasoning}"))  # a reply's reasoning is its data too, not added text
+        data.sort(key=lambda fp: -len(fp[0]))
         left = _residue(text, [f for f, _ in data], markup)
         if not re.search(r"\w", left):
             if msg is None and all(t in control for t in ids):
                 markers.setdefault(text, set()).add(ci)
             continue
         shown = text
-        for f, j in data:  # the data in it, by name: the same added text then reads the same
-            shown = _sub(shown, f, "{content}" if j == m else f"{{message {j}}}")
+        for f, name in data:
+            shown = _sub(shown, f, name)
         found.setdefault((f"in {msg.role} messages" if msg else "outside messages", shown), set()).add(ci)
     for c, r in zip(convs, rendered):
         if c.tools:
