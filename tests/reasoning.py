@@ -78,3 +78,18 @@ def conversations(family: str) -> list[Conversation]:
     if family in ("glm-z1", "glm-z1-train"):
         return [ROUNDS]
     return [ROUNDS, TOOL_LOOP]
+
+
+def write_jsonl(path: Path, convs: list[Conversation]) -> Path:
+    """The conversations as OpenAI-shaped JSONL records (reasoning_content, tool_calls), one a line."""
+    import json
+
+    path.write_text("".join(json.dumps({"messages": c.to_hf()}) + "\n" for c in convs), encoding="utf-8")
+    return path
+
+
+def save_tokenizer(base, family: str, folder: Path) -> Path:
+    """The family's tokenizer (its template as the tokenizer's chat_template) saved as a folder,
+    which the CLI takes as ``--model``."""
+    tokenizer_for(base, family).save_pretrained(folder)
+    return folder

@@ -21,6 +21,7 @@ from turntune.encoding import EncodeOptions, EncodeReport, conversation_error, e
 from turntune.errors import TurntuneError
 from turntune.example import Example
 from turntune.templates.base import Rendered, Template
+from turntune.tree_view import tree_mismatches
 
 COST_STRATEGIES = ("expand", "all", "last")
 TEMPLATE_ROLE = "template"  # tokens that belong to no message
@@ -80,6 +81,10 @@ class AuditReport:
     moved: dict[str, int] = field(default_factory=dict)  # content rendered inside another message
     special_in_content: dict[str, dict[str, int]] = field(default_factory=dict)  # string -> count, conversations
     cost: dict[str, StrategyCost] = field(default_factory=dict)
+    tree_examples: int = 0  # examples laid out as token trees
+    tree_replies_checked: int = 0  # (tree, reply) pairs checked against the reply's expanded sample
+    tree_mismatch_count: int = 0
+    tree_mismatches: list[str] = field(default_factory=list)  # the first few
 
     @property
     def terminator_share(self) -> float:
@@ -87,9 +92,10 @@ class AuditReport:
 
     @property
     def ok(self) -> bool:
-        """Trainable, nothing refused, and every trained reply learns to stop."""
+        """Trainable, nothing refused, every trained reply learns to stop, and every token tree
+        trains what real expansion would."""
         return (self.trained_tokens > 0 and self.terminator_trained == self.replies_trained
-                and not self.encode.get("skipped"))
+                and not self.encode.get("skipped") and not self.tree_mismatch_count)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -149,13 +155,47 @@ def audit(conversations: Sequence[Conversation], tokenizer, template: Template,
     rep.prefix_handling = {
         "last": "only the final reply is trained, from the whole rendering: nothing to slice",
         "full": "every token is trained from the whole rendering: nothing to slice",
-    }.get(options.strategy, "each reply rendered with its own history (expanded for real), so every "
-                            "trained token is what inference would see")
+    }.get(options.strategy, "each reply rendered with its own history" + (
+        ", the samples merged into a token tree where it is exact (else expanded for real)" if options.tree
+        else " (expanded for real)") + ", so every trained token is what inference would see")
+    _check_trees(rep, examples, convs, template, options)
     for s in COST_STRATEGIES:
         exs = examples if s == options.strategy else encode_conversations(
             convs, template, dataclasses.replace(options, strategy=s), on_invalid="skip")
         rep.cost[s] = StrategyCost(len(exs), sum(len(e) for e in exs), sum(e.n_trained for e in exs))
     return rep
+
+
+def _check_trees(rep: AuditReport, examples: list[Example], convs: list[Conversation], template: Template,
+                 options: EncodeOptions) -> None:
+    """Every token tree against real expansion: the conversations laid out as trees are encoded
+    again with ``tree=False`` (each reply its own sample), and each reply a tree trains must be its
+    sample along its path (``tree_view.tree_mismatches``); a reply the samples train and the trees
+    do not is counted too."""
+    trees = [ex for ex in examples if ex.is_tree]
+    rep.tree_examples = len(trees)
+    if not trees:
+        return
+    sources = {ex.source for ex in trees}
+    samples: dict[str, dict[int, Example]] = {}
+    for s in encode_conversations([c for c in convs if c.source in sources], template,
+                                  dataclasses.replace(options, tree=False), on_invalid="skip"):
+        for t in set(s.turn) - {-1}:
+            samples.setdefault(s.source, {})[t] = s
+    problems: list[str] = []
+    trained: dict[str, set[int]] = {}
+    for ex in examples:
+        if ex.source in sources:
+            trained.setdefault(ex.source, set()).update(set(ex.turn) - {-1})
+    for ex in trees:
+        checked, found = tree_mismatches(ex, samples.get(ex.source, {}))
+        rep.tree_replies_checked += checked
+        problems += found
+    for source in sorted(sources):
+        for t in sorted(set(samples.get(source, {})) - trained[source]):
+            problems.append(f"{source}: reply {t + 1}: its expanded sample trains it, no tree does")
+    rep.tree_mismatch_count = len(problems)
+    rep.tree_mismatches = problems[:MAX_LISTED]
 
 
 def _count_data(rep: AuditReport, convs: list[Conversation]) -> None:
@@ -296,16 +336,21 @@ def _template_text(rep: AuditReport, tokenizer, template: Template, convs: list[
             dropped["tool calls (replies)"] += any(call.name not in text for call in msg.tool_calls)
             if msg.tool_calls:
                 continue
-        data = sorted(([(own[ci, m], m)] if msg is not None and own[ci, m] else []) + elsewhere.get(ci, []),
-                      key=lambda fj: -len(fj[0]))
+        # The data in it, each with the name it is shown by: the same added text then reads the same.
+        data = [(f, "{content}" if j == m else f"{{message {j}}}") for f, j in elsewhere.get(ci, [])]
+        if msg is not None and own[ci, m]:
+            data.append((own[ci, m], "{content}"))
+        if msg is not None and msg.reasoning and (r := _find(msg.reasoning, text)) is not None:
+            data.append((r, "{reasoning}"))  # a reply's reasoning is its data too, not added text
+        data.sort(key=lambda fp: -len(fp[0]))
         left = _residue(text, [f for f, _ in data], markup)
         if not re.search(r"\w", left):
             if msg is None and all(t in control for t in ids):
                 markers.setdefault(text, set()).add(ci)
             continue
         shown = text
-        for f, j in data:  # the data in it, by name: the same added text then reads the same
-            shown = _sub(shown, f, "{content}" if j == m else f"{{message {j}}}")
+        for f, name in data:
+            shown = _sub(shown, f, name)
         found.setdefault((f"in {msg.role} messages" if msg else "outside messages", shown), set()).add(ci)
     for c, r in zip(convs, rendered):
         if c.tools:

@@ -37,6 +37,24 @@ def load_for_chat(model_dir: str | Path, adapter: str | Path | None = None, *, t
     return model, tokenizer
 
 
+def chat_template_for(tokenizer, template: str = "auto", *folders: str | Path | None):
+    """The template to chat with: ``template`` when it names one; for ``auto``, the one a run's
+    result in ``folders`` (the adapter folder first) was trained with, else what ``auto`` makes of
+    the tokenizer. A GLM-4 run trained with its own ``data.chat_template`` must chat with that
+    template, not with the native format its tokenizer would get."""
+    from turntune.encoding import resolve_template
+    from turntune.recipes import saved_template, template_from_record
+
+    if template == "auto":
+        for folder in folders:
+            if folder is None:
+                continue
+            record = saved_template(Path(str(folder)).expanduser())
+            if record is not None:
+                return template_from_record(tokenizer, record)
+    return resolve_template(tokenizer, template)
+
+
 @torch.no_grad()
 def reply(model, template, conversation: Conversation, *, max_new_tokens: int = 128) -> str:
     """Greedy reply to the conversation so far; stops on the template's stop tokens."""

@@ -310,8 +310,12 @@ def save_final(dest: Path, model, tokenizer, cfg, *, state_dict: dict[str, torch
     generation = getattr(model, "generation_config", None)  # PEFT saves the adapter alone: merge needs it
     if generation is not None and not (tmp / "generation_config.json").is_file():
         generation.save_pretrained(tmp)
-    (tmp / "turntune.json").write_text(json.dumps({"base_model": cfg.model.path, "method": cfg.train.method,
-                                                   "template": cfg.data.template}))
+    from turntune.recipes import RUN_META, run_template, template_record
+
+    # The template as resolved (name, Jinja text, kwargs), so `chat` and `eval` on this folder
+    # render as training did (recipes.saved_template).
+    record = template_record(run_template(cfg, tokenizer))
+    (tmp / RUN_META).write_text(json.dumps({"base_model": cfg.model.path, "method": cfg.train.method, **record}))
     if dest.exists():
         shutil.rmtree(dest)
     os.rename(tmp, dest)

@@ -10,7 +10,7 @@
     turntune merge BASE ADAPTER OUT          fold a LoRA adapter into a standalone model
     turntune demo                            what `make demo` runs: examples/smollm2-lora.yaml, then a chat
 
-encode, inspect, audit and eval take --config CONFIG (and its --section.key=value overrides): they
+validate, encode, inspect, audit and eval take --config CONFIG (and its --section.key=value overrides): they
 then encode exactly as `turntune train CONFIG` does; their own flags override it.
 """
 from __future__ import annotations
@@ -34,20 +34,24 @@ EXIT_INVALID, EXIT_ERROR = 1, 2
 
 
 def _validate(a) -> int:
+    """Every record checked (and counted by rule, never stopping at the first); with ``--model``
+    or ``--config`` also what the run's template refuses, encoded as ``train`` would."""
     from turntune.data import load_conversations
 
-    res = load_conversations(a.data, format=a.format, on_invalid="skip")
+    cfg = config_from_args(a)
+    res = load_conversations(data_path(a, cfg, "train"), format=cfg.data.format, on_invalid="skip")
     print(res.report.summary())
     refused = 0
-    if a.model:  # what only a template can tell: the records it refuses, drops text of, or cannot span
-        from turntune.encoding import EncodeOptions, EncodeReport, encode_conversations, resolve_template
-        from turntune.models import load_tokenizer
+    if a.model or a.config:  # what only a template can tell: the records it refuses, drops text of, or cannot span
+        from turntune.encoding import EncodeReport, encode_conversations
+        from turntune.models import check_model_folder
+        from turntune.recipes import recipe
 
-        tok = load_tokenizer(a.model)
-        chat_template = Path(a.chat_template).read_text(encoding="utf-8") if a.chat_template else None
-        tmpl = resolve_template(tok, a.template, chat_template)
+        check_model_folder(cfg.model.path)
+        r = recipe(cfg)
+        tmpl = r.template
         rep = EncodeReport()
-        encode_conversations(res.conversations, tmpl, EncodeOptions(), report=rep, on_invalid="skip")
+        encode_conversations(res.conversations, tmpl, r.options, report=rep, on_invalid="skip")
         refused = sum(rep.skipped.values())
         print(f"template {tmpl.name}: {rep.conversations} of {len(res.conversations)} valid records encode"
               + "".join(f"\n  refused {rule}: {n}\n" + "\n".join(f"    {t}" for t in rep.skip_examples[rule])
@@ -234,13 +238,12 @@ def precision_note(setting: str, amp: bool, device, dtype: str = "float32") -> s
 
 
 def _chat(a) -> int:
-    from turntune.chat import chat_loop, load_for_chat
-    from turntune.encoding import resolve_template
+    from turntune.chat import chat_loop, chat_template_for, load_for_chat
     from turntune.models import check_model_folder
 
     check_model_folder(a.model)
     model, tok = load_for_chat(a.model, a.adapter)
-    chat_loop(model, resolve_template(tok, a.template), system=a.system)
+    chat_loop(model, chat_template_for(tok, a.template, a.adapter, a.model), system=a.system)
     return 0
 
 
@@ -287,12 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="turntune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    s = sub.add_parser("validate", help="check a data file; report invalid records by rule")
-    s.add_argument("data")
-    s.add_argument("--format", default="auto", choices=_choices("format"))
-    s.add_argument("--model", help="also check what this model's template can encode (refused records, by rule)")
-    s.add_argument("--template", default="auto", choices=_choices("template"))
-    s.add_argument("--chat-template", help="a Jinja file to use instead of the tokenizer's chat_template")
+    s = sub.add_parser("validate", help="check a data file; report invalid records by rule (with --model or "
+                       "--config: also the records the template refuses)")
+    s.add_argument("data", nargs="?", help="default with --config: data.train")
+    add_encoding_args(s, strategy=False)
     s = sub.add_parser("encode", help="encode a data file as `train` does and report what was trained, dropped, "
                        "cut, and where the weighting puts the loss")
     s.add_argument("data", nargs="?", help="default with --config: data.train")
@@ -341,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = build_parser().parse_known_args(argv)
     overrides = [e for e in extra if e.startswith("--") and "." in e.split("=")[0]]
     unknown = [e for e in extra if e not in overrides]
-    if unknown or (overrides and args.cmd not in ("train", "demo", "encode", "eval", "inspect", "audit")):
+    if unknown or (overrides and args.cmd not in ("train", "demo", "validate", "encode", "eval", "inspect", "audit")):
         print(f"turntune: error: unrecognized arguments: {' '.join(unknown or overrides)}", file=sys.stderr)
         return EXIT_ERROR
     args.overrides = overrides

@@ -15,7 +15,7 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 
 from turntune.data import Format, OnInvalid  # each closed set of choices is defined once, where it is used
-from turntune.encoding import Strategy, TemplateName, Weighting
+from turntune.encoding import Strategy, TemplateName, Weighting, check_template_kwargs
 from turntune.errors import ConfigError
 
 
@@ -81,6 +81,10 @@ class DataConfig:
     the tokenizer has GLM-4's special tokens."""
     chat_template: str | None = None
     """A Jinja file to use instead of the tokenizer's own chat_template."""
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra variables the chat template gets on every render, as ``apply_chat_template``'s keyword
+    arguments: ``{clear_thinking: false}`` (GLM-4.7 keeps all reasoning), ``{enable_thinking: false}``
+    (Qwen3). They change what is encoded, so they are part of the encoded-data cache's key."""
     strategy: Strategy = "all"
     """Which replies are trained: all in one pass, one sample per reply, the last, or every token."""
     weighting: Weighting = "token"
@@ -113,6 +117,7 @@ class DataConfig:
                  num_proc=(self.num_proc is None or self.num_proc >= 1, "at least 1, or null for every core"))
         _paths("data", self, "train", "eval", "chat_template", "cache_dir",
                empty_means_none=("eval", "chat_template", "cache_dir"))
+        check_template_kwargs(self.template_kwargs, "data.template_kwargs")
 
 
 @dataclass(frozen=True)
@@ -240,6 +245,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value not in args:
             raise ConfigError(f"{key}: unknown value {value!r}; valid values: {', '.join(map(str, args))}")
         return value
+    if origin is dict:  # a mapping of names to YAML values (data.template_kwargs)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping such as {{clear_thinking: false}}, got {value!r}")
+        return dict(value)  # the names and values are checked by DataConfig
     if origin is tuple:
         if isinstance(value, str):
             value = [v for v in value.split(",") if v]

@@ -110,10 +110,14 @@ def encode_inputs(path: str | Path, template, options: EncodeOptions, *, format:
     except OSError as e:
         raise DataError(f"cannot read the file: {e.strerror or e} (check that you may read it)", source=name,
                         rule="unreadable_file") from None
-    return {"encoding_version": ENCODING_VERSION, "data": digest, "path": str(path),
-            "tokenizer": tokenizer_digest(template.tokenizer), "template": template.name,
-            "chat_template": getattr(template, "source", None), "options": dataclasses.asdict(options),
-            "format": format, "on_invalid": on_invalid}
+    inputs = {"encoding_version": ENCODING_VERSION, "data": digest, "path": str(path),
+              "tokenizer": tokenizer_digest(template.tokenizer), "template": template.name,
+              "chat_template": getattr(template, "source", None), "options": dataclasses.asdict(options),
+              "format": format, "on_invalid": on_invalid}
+    kwargs = getattr(template, "template_kwargs", None)
+    if kwargs:  # only when set: every fingerprint made without them keeps its value (and its cache)
+        inputs["template_kwargs"] = kwargs
+    return inputs
 
 
 def fingerprint(inputs: dict) -> str:
@@ -459,6 +463,8 @@ def cached_encode(path: str | Path, template, options: EncodeOptions, *, format:
                 "template": template.name, "chat_template": getattr(template, "source", None),
                 "options": dataclasses.asdict(options)}
         differ = [k for k, v in mine.items() if data.inputs.get(k) != v]
+        if data.inputs.get("template_kwargs", {}) != (getattr(template, "template_kwargs", None) or {}):
+            differ.append("template_kwargs")
         if differ:
             shown = ", ".join(f"{k}={data.inputs.get(k)!r}" for k in differ if k in ("template", "options"))
             raise ConfigError(f"data: {path} was encoded with another {', '.join(differ)} than this run"

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import statistics
 import warnings
 from collections import Counter
@@ -55,14 +56,41 @@ def check_choice(setting: str, value: str, valid: Sequence[str]) -> None:
         raise ConfigError(f"{setting}: unknown value {value!r}; valid values: {', '.join(valid)}")
 
 
-def resolve_template(tokenizer, template: str | Template = "auto", chat_template: str | None = None) -> Template:
+# What a chat template already gets on every render: template kwargs may not replace it.
+RESERVED_TEMPLATE_NAMES = ("messages", "tools", "add_generation_prompt", "bos_token", "eos_token", "unk_token",
+                           "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def check_template_kwargs(kwargs: dict, setting: str = "template_kwargs") -> None:
+    """Extra chat-template variables: names a template can read, JSON values (they are part of
+    the encoded-data cache's key), none of the names every render already sets."""
+    if not isinstance(kwargs, dict):
+        raise ConfigError(f"{setting}: expected a mapping such as {{clear_thinking: false}}, got {kwargs!r}")
+    for name, value in kwargs.items():
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ConfigError(f"{setting}: {name!r} is not a template variable name (letters, digits, _)")
+        if name in RESERVED_TEMPLATE_NAMES:
+            raise ConfigError(f"{setting}: {name!r} is set by turntune on every render; valid names are any "
+                              f"others (reserved: {', '.join(RESERVED_TEMPLATE_NAMES)})")
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{setting}: {name}: {value!r} is not a plain value (use true/false, numbers, "
+                              "strings, lists or mappings of them)") from None
+
+
+def resolve_template(tokenizer, template: str | Template = "auto", chat_template: str | None = None,
+                     template_kwargs: dict | None = None) -> Template:
     """``auto``: the native GLM-4 format when the tokenizer has GLM-4's special tokens and no
     reasoning tokens (glm-4-9b-chat), else the tokenizer's own Jinja ``chat_template``: GLM-4.5+
     tokenizers carry ``</think>`` and their template renders reasoning, which the native format
-    has no place for."""
+    has no place for. ``template_kwargs``: extra variables for the Jinja template on every render
+    (``{"clear_thinking": False}``); the native format has none to take."""
     if not isinstance(template, str):
         return template
     check_choice("template", template, get_args(TemplateName))
+    kwargs = dict(template_kwargs or {})
+    check_template_kwargs(kwargs)
     from turntune.templates.glm4 import GLM4Template
 
     def thinks() -> bool:
@@ -71,6 +99,10 @@ def resolve_template(tokenizer, template: str | Template = "auto", chat_template
 
     native = GLM4Template.applies_to(tokenizer) and not (getattr(tokenizer, "chat_template", None) and thinks())
     if template == "glm4" or (template == "auto" and chat_template is None and native):
+        if kwargs:
+            raise ConfigError(f"template_kwargs {kwargs}: the native glm4 format renders no Jinja template, so "
+                              "it has nothing to pass them to; use template hf (the tokenizer's chat_template or "
+                              "data.chat_template), or remove them")
         return GLM4Template(tokenizer)
     if chat_template is None and not getattr(tokenizer, "chat_template", None):
         raise ConfigError(
@@ -78,7 +110,7 @@ def resolve_template(tokenizer, template: str | Template = "auto", chat_template
             "(native formats: glm4); give data.chat_template (a Jinja file) or use a chat model's tokenizer")
     from turntune.templates.hf import HFTemplate
 
-    return HFTemplate(tokenizer, chat_template=chat_template)
+    return HFTemplate(tokenizer, chat_template=chat_template, template_kwargs=kwargs)
 
 
 # -- the report ---------------------------------------------------------------------------------
@@ -284,10 +316,13 @@ def encode(
     cut_long_replies: bool = False,
     history_fraction: float = 0.3,
     report: EncodeReport | None = None,
+    template_kwargs: dict | None = None,
 ) -> list[Example]:
     """Encode one conversation into training examples with ``tokenizer`` (the model's Hugging Face
     tokenizer) and ``template`` (``auto``: native GLM-4 for GLM-4 tokenizers, else the tokenizer's
     chat template, or ``chat_template``: the text of a Jinja template to use instead).
+    ``template_kwargs`` go to the Jinja template on every render, as ``apply_chat_template``'s
+    keyword arguments do (``{"clear_thinking": False}`` keeps GLM-4.7's reasoning in the history).
 
     >>> [ex] = encode([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}], tok)  # doctest: +SKIP
     >>> tok.decode([t for t, lab in zip(ex.input_ids, ex.labels) if lab != -100])  # doctest: +SKIP
@@ -300,7 +335,7 @@ def encode(
         from turntune.data import parse_record
 
         messages = parse_record({"messages": messages}, source="<messages>")
-    tmpl = resolve_template(tokenizer, template, chat_template)
+    tmpl = resolve_template(tokenizer, template, chat_template, template_kwargs)
     opts = EncodeOptions(strategy, weighting, max_length, cut_long_replies, history_fraction)
     return encode_conversations([messages], tmpl, opts, report=report)
 

@@ -20,7 +20,9 @@ def add_parsers(sub) -> None:
     s = sub.add_parser("inspect", help="every token of a few conversations, trained ones highlighted",
                        description="Show every token of the first N conversations as the encoder makes "
                                    "them: trained tokens highlighted, role boundaries and special tokens "
-                                   "visible, counts per example. Under --strategy expand each sample.")
+                                   "visible, counts per example. Under --strategy expand each sample. A token "
+                                   "tree (a template that rewrites history) as a tree: the shared history once, "
+                                   "then each branch labelled by the reply it trains.")
     _common(s)
     s.add_argument("-n", type=int, default=3, help="conversations to show (default 3)")
     s.add_argument("--html", metavar="FILE", help="write one self-contained HTML page instead of the terminal view")
@@ -63,7 +65,7 @@ def _setup(a):
 def run_inspect(a) -> int:
     from turntune.auditing import control_ids
     from turntune.encoding import EncodeReport, encode_conversations
-    from turntune.inspect_view import build_views, render_html, render_terminal, use_color
+    from turntune.inspect_view import build_views, render_html, render_terminal, tree_line, use_color
 
     if a.n < 1:
         raise ConfigError(f"-n: {a.n}: show at least 1 conversation")
@@ -84,6 +86,8 @@ def run_inspect(a) -> int:
     else:
         print(title + "\n")
         print(render_terminal(views, use_color(a.color, sys.stdout)))
+    if (line := tree_line(vars(rep))) is not None:  # the trees shown, and what they save against expansion
+        print(line)
     if rep.conversations_without_labels:
         print(f"{rep.conversations_without_labels} of {len(convs)} conversations have nothing to train "
               "(not shown)")

@@ -1,25 +1,30 @@
 """Every token of an encoded example, with what is trained made visible: terminal and HTML views;
 and the audit report as plain-text tables.
 
-The views only read :class:`Example` fields (``input_ids``, ``labels``, ``turn``, ``message``):
-what is shown as trained is exactly what the loss sees, never recomputed from the text.
+The views only read :class:`Example` fields (``input_ids``, ``labels``, ``turn``, ``message``, and
+for a token tree ``tree_end`` and ``position_ids``): what is shown as trained is exactly what the
+loss sees, never recomputed from the text. A token tree is shown as a tree (``tree_view.py``): the
+shared history once, then each branch, nested under the token it forks after and labelled by the
+replies it trains.
 """
 from __future__ import annotations
 
 import html
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from turntune.auditing import MAX_LISTED, AuditReport
 from turntune.constants import IGNORE_INDEX
 from turntune.conversation import Conversation
 from turntune.example import Example
+from turntune.tree_view import Segment, parents, segments
 
 NEWLINE = "↵"  # shown before a newline so that trailing newlines and blank lines are visible
 OPEN, CLOSE = "«", "»"  # plain-text marks around trained tokens (no colour)
 TEMPLATE_ROLE = "template"  # text that belongs to no message
 GUTTER = 10
+INDENT = "    "  # per level of a token tree's branches
 # ANSI SGR codes. Trained tokens alternate two greens so that token boundaries stay visible.
 _TRAINED = ("\x1b[30;42m", "\x1b[30;102m")
 _SPECIAL = "\x1b[1;35m"
@@ -50,6 +55,9 @@ class ExampleView:
     sample: int  # 1-based index among the examples of its conversation
     samples: int
     tokens: list[TokenView]
+    tree: list[Segment] | None = None  # a token tree's segments (roots); None: a plain sequence
+    positions: list[int] | None = None  # a token tree's position ids
+    reasoning: dict[int, str] = field(default_factory=dict)  # reply index -> its reasoning text
 
     @property
     def trained(self) -> int:
@@ -65,19 +73,57 @@ class ExampleView:
 
     def header(self) -> str:
         replies = ", ".join(str(t + 1) for t in self.turns) or "none"
-        return (f"{self.source}  sample {self.sample}/{self.samples}  tokens {len(self.tokens)}: "
+        shape = ""
+        if self.tree is not None:
+            n = sum(1 for root in self.tree for _ in root.walk()) - len(self.tree)
+            shape = f"token tree ({n} branches)  "
+        return (f"{self.source}  sample {self.sample}/{self.samples}  {shape}tokens {len(self.tokens)}: "
                 f"trained {self.trained}, context {self.context}  (replies trained: {replies})")
 
+    def branch_title(self, seg: Segment, number: str) -> str:
+        """What a segment of a tree is: the history (the root), or a branch by the replies it
+        trains, where it forks, and whether its first token repeats a sibling's."""
+        below = seg.below()
+        if not number:
+            what = "shared history" + (f", trains {_replies(seg.turns)}" if seg.turns else "")
+        elif seg.turns:
+            text = "".join(t.text for t in self.tokens[seg.start:seg.stop])
+            thinks = [t for t in seg.turns if self.reasoning.get(t) and self.reasoning[t].strip() in text]
+            what = f"branch {number}: {_replies(seg.turns)}" + (
+                " with its reasoning" if len(seg.turns) == 1 and thinks else
+                f" (reasoning of {_replies(thinks)})" if thinks else "")
+            if [t for t in below if t not in seg.turns]:
+                what += f", then {_replies([t for t in below if t not in seg.turns])} below"
+        else:
+            what = f"branch {number}: history shared by {_replies(below)}" if below else f"branch {number}: context"
+        span = f"tokens {seg.start}-{seg.stop - 1}"
+        if seg.fork >= 0 and self.positions is not None:
+            f = seg.fork
+            span += f"; forks after token {f} {self.tokens[f].text!r} (position {self.positions[f]})"
+            if seg.copy:
+                span += f"; its first token repeats token {f + 1}"
+        return f"{what}  [{span}]"
 
-def token_texts(tokenizer, ids: Sequence[int]) -> list[str]:
+
+def token_texts(tokenizer, ids: Sequence[int], parent: Sequence[int] | None = None) -> list[str]:
     """The text each token adds to the decoded sequence.
 
     Decoding tokens one by one would break multi-byte characters and lose SentencePiece's leading
     spaces, so each token's text is the difference between decoding a short window ending with
     it and the same window without it. A token that ends inside a character shows nothing; the
-    token that completes it shows the whole character.
+    token that completes it shows the whole character. In a token tree (``parent``: each token's
+    parent, ``tree_view.parents``) the window is the token's own ancestors, not the row before it.
     """
-    wins = [list(ids[max(0, i - 6): i]) for i in range(len(ids))]
+    if parent is None:
+        wins = [list(ids[max(0, i - 6): i]) for i in range(len(ids))]
+    else:
+        wins = []
+        for i in range(len(ids)):
+            win, q = [], parent[i]
+            while q >= 0 and len(win) < 6:
+                win.append(ids[q])
+                q = parent[q]
+            wins.append(win[::-1])
     before = tokenizer.batch_decode(wins, skip_special_tokens=False, clean_up_tokenization_spaces=False)
     after = tokenizer.batch_decode([w + [t] for w, t in zip(wins, ids)], skip_special_tokens=False,
                                    clean_up_tokenization_spaces=False)
@@ -105,13 +151,19 @@ def build_views(conversations: Sequence[Conversation], examples: Sequence[Exampl
     for ex in examples:
         conv = by_source.get(ex.source)
         seen[ex.source] = seen.get(ex.source, 0) + 1
-        texts = token_texts(tokenizer, ex.input_ids)
+        texts = token_texts(tokenizer, ex.input_ids, parents(ex.tree_end) if ex.is_tree else None)
         msgs = ex.message or [-1] * len(ex)
         tokens = [TokenView(t, txt, lab, turn, conv.messages[m].role if conv is not None and m >= 0 else TEMPLATE_ROLE,
                             m, t in special_ids)
                   for t, txt, lab, turn, m in zip(ex.input_ids, texts, ex.labels, ex.turn, msgs)]
-        views.append(ExampleView(ex.source, seen[ex.source], per_source[ex.source], tokens))
+        reasoning = {k: conv.messages[i].reasoning for k, i in enumerate(conv.assistant_indices)} if conv else {}
+        views.append(ExampleView(ex.source, seen[ex.source], per_source[ex.source], tokens,
+                                 segments(ex) if ex.is_tree else None, ex.position_ids, reasoning))
     return views
+
+
+def _replies(turns: Sequence[int]) -> str:
+    return ("reply " if len(turns) == 1 else "replies ") + ", ".join(str(t + 1) for t in turns)
 
 
 def use_color(choice: str, stream) -> bool:
@@ -129,45 +181,61 @@ def render_terminal(views: Sequence[ExampleView], color: bool) -> str:
     """Each example as lines ``role │ tokens``: a new message starts a new line with its role.
 
     With colour trained tokens have a green background (two alternating shades), special tokens
-    are bold magenta. Without colour each run of trained tokens is put between « and ».
+    are bold magenta. Without colour each run of trained tokens is put between « and ». A token
+    tree shows its shared history, then each branch under a title line, indented one level per
+    branch it hangs from.
     """
     out: list[str] = []
     for v in views:
         out.append((_DIM + v.header() + _RESET) if color else v.header())
-        line: list[str] = []
-        lines: list[str] = []
-        is_open, message, shade = False, None, 0
-
-        def flush(label: str) -> None:
-            lines.append(f"{label:>{GUTTER}} │ " + "".join(line))
-            line.clear()
-
-        label = ""
-        for tok in v.tokens:
-            if tok.message != message:  # a role boundary: close marks, start a labelled line
-                if is_open:
-                    line.append(CLOSE)
-                    is_open = False
-                if line:  # else the previous token ended with a newline: this line is still free
-                    flush(label)
-                message, label = tok.message, tok.role
-            if not color and tok.trained != is_open:
-                line.append(OPEN if tok.trained else CLOSE)
-                is_open = tok.trained
-            style = ((_TRAINED[shade] if tok.trained else "") + (_SPECIAL if tok.special else "")) if color else ""
-            shade ^= tok.trained
-            for j, part in enumerate(_shown(tok.text).split("\n")):
-                if j:  # a newline inside the token: go on on a new line with an empty gutter
-                    flush(label)
-                    label = ""
-                if part:
-                    line.append(style + part + _RESET if style else part)
-        if is_open:
-            line.append(CLOSE)
-        flush(label)
-        out.extend(lines)
+        if v.tree is None:
+            out.extend(_token_lines(v.tokens, color))
+        else:
+            for root in v.tree:
+                for seg, depth, number in root.walk():
+                    indent = INDENT * depth
+                    title = ("└─ " if depth else "") + v.branch_title(seg, number)
+                    out.append(indent + ((_DIM + title + _RESET) if color else title))
+                    pad = indent + ("   " if depth else "")
+                    out.extend(pad + line for line in _token_lines(v.tokens[seg.start:seg.stop], color))
         out.append("")
     return "\n".join(out)
+
+
+def _token_lines(tokens: Sequence[TokenView], color: bool) -> list[str]:
+    """``tokens`` as lines ``role │ text``, trained ones marked (see :func:`render_terminal`)."""
+    line: list[str] = []
+    lines: list[str] = []
+    is_open, message, shade = False, None, 0
+
+    def flush(label: str) -> None:
+        lines.append(f"{label:>{GUTTER}} │ " + "".join(line))
+        line.clear()
+
+    label = ""
+    for tok in tokens:
+        if tok.message != message:  # a role boundary: close marks, start a labelled line
+            if is_open:
+                line.append(CLOSE)
+                is_open = False
+            if line:  # else the previous token ended with a newline: this line is still free
+                flush(label)
+            message, label = tok.message, tok.role
+        if not color and tok.trained != is_open:
+            line.append(OPEN if tok.trained else CLOSE)
+            is_open = tok.trained
+        style = ((_TRAINED[shade] if tok.trained else "") + (_SPECIAL if tok.special else "")) if color else ""
+        shade ^= tok.trained
+        for j, part in enumerate(_shown(tok.text).split("\n")):
+            if j:  # a newline inside the token: go on on a new line with an empty gutter
+                flush(label)
+                label = ""
+            if part:
+                line.append(style + part + _RESET if style else part)
+    if is_open:
+        line.append(CLOSE)
+    flush(label)
+    return lines
 
 
 _CSS = """
@@ -184,6 +252,8 @@ body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
 .tok.sp{color:#9b1f9b;font-weight:700}
 .legend span{margin-right:1.2em;padding:0 .3em}
 .key.tr{background:#a8e6b0}.key.ctx{color:#555;border:1px solid #ccc}.key.sp{color:#9b1f9b;font-weight:700}
+.branch{margin:.4em 0 .4em 1.6em;padding-left:.6em;border-left:3px solid #8fb8e0}
+.bhead{font-size:.85em;color:#1f5fa6;margin:.3em 0}
 .m-system .role{color:#a65e00}.m-user .role{color:#1f5fa6}.m-assistant .role{color:#1c7d2e}.m-tool .role{color:#7d1c6e}
 """
 
@@ -201,23 +271,60 @@ def render_html(views: Sequence[ExampleView], title: str) -> str:
     ]
     for v in views:
         parts.append(f'\n<section class="ex"><div class="head">{e(v.header())}</div>')
-        message = None
-        for tok in v.tokens:
-            if tok.message != message:
-                if message is not None:
-                    parts.append("</span></div>")
-                message = tok.message
-                parts.append(f'<div class="msg m-{e(tok.role)}"><span class="role">{e(tok.role)}'
-                             f'{"" if tok.message < 0 else f" #{tok.message}"}</span><span class="body">')
-            cls = "tok " + ("tr" if tok.trained else "ctx") + (" sp" if tok.special else "")
-            tip = (f"id {tok.id} · label {tok.label}{'' if tok.trained else ' (not trained)'}"
-                   f" · turn {tok.turn if tok.turn >= 0 else '-'} · {tok.role}")
-            parts.append(f'<span class="{cls}" title="{e(tip)}">{e(_shown(tok.text))}</span>')
-        if message is not None:
-            parts.append("</span></div>")
+        if v.tree is None:
+            parts.extend(_html_tokens(v, 0, len(v.tokens)))
+        for root in v.tree or []:
+            parts.extend(_html_segment(v, root, ""))
         parts.append("</section>")
     parts.append("</body></html>\n")
     return "".join(parts)  # no newline between tokens: the body keeps whitespace as written
+
+
+def _html_segment(v: ExampleView, seg: Segment, number: str) -> list[str]:
+    """A tree segment and, nested inside it, the branches that fork from its end."""
+    e = html.escape
+    out = [f'<div class="{"branch" if number else "trunk"}"><div class="bhead">{e(v.branch_title(seg, number))}</div>']
+    out += _html_tokens(v, seg.start, seg.stop)
+    for i, child in enumerate(seg.children, 1):
+        out += _html_segment(v, child, f"{number}.{i}" if number else str(i))
+    out.append("</div>")
+    return out
+
+
+def _html_tokens(v: ExampleView, start: int, stop: int) -> list[str]:
+    """Tokens ``start..stop-1`` of a view: one line per message, one span per token."""
+    e = html.escape
+    parts: list[str] = []
+    message = None
+    for i in range(start, stop):
+        tok = v.tokens[i]
+        if tok.message != message:
+            if message is not None:
+                parts.append("</span></div>")
+            message = tok.message
+            parts.append(f'<div class="msg m-{e(tok.role)}"><span class="role">{e(tok.role)}'
+                         f'{"" if tok.message < 0 else f" #{tok.message}"}</span><span class="body">')
+        cls = "tok " + ("tr" if tok.trained else "ctx") + (" sp" if tok.special else "")
+        tip = (f"id {tok.id} · label {tok.label}{'' if tok.trained else ' (not trained)'}"
+               f" · turn {tok.turn if tok.turn >= 0 else '-'} · {tok.role}"
+               + (f" · position {v.positions[i]}" if v.positions is not None else ""))
+        parts.append(f'<span class="{cls}" title="{e(tip)}">{e(_shown(tok.text))}</span>')
+    if message is not None:
+        parts.append("</span></div>")
+    return parts
+
+
+def tree_line(counts: dict) -> str | None:
+    """The token trees of an encode report (its counts, ``vars(EncodeReport)``): how many
+    conversations became trees and what they save against real expansion; None if none needed one."""
+    n = counts.get("not_prefix_stable", 0)
+    if not n:
+        return None
+    trees, tokens, expanded = counts.get("trees", 0), counts.get("tree_tokens", 0), counts.get("tree_expanded_tokens", 0)
+    saving = (f" ({tokens:,} tokens vs {expanded:,} expanded for real: {tokens / expanded:.2f}x, "
+              f"{expanded - tokens:,} tokens saved)") if expanded else ""
+    return (f"not prefix-stable {n}: as token trees {trees}{saving}; expanded for real {n - trees} "
+            f"(tree not exact {counts.get('tree_fallbacks', 0)})")
 
 
 # -- the audit report as text ---------------------------------------------------------------
@@ -255,6 +362,13 @@ def format_report(rep: AuditReport, source: str = "") -> str:
             f"not prefix-stable: {rep.not_prefix_stable} of {rep.conversations}"
             + (f" ({', '.join(rep.not_prefix_stable_sources)}{', ...' if rep.not_prefix_stable > MAX_LISTED else ''});"
                f" handled: {rep.prefix_handling}" if rep.not_prefix_stable else "")]
+    if (line := tree_line(e)) is not None:
+        out.append(line)
+    if rep.tree_examples:
+        out.append(f"token trees: {rep.tree_examples} examples; each trained reply's path checked against its "
+                   f"expanded sample: {rep.tree_replies_checked} replies, {rep.tree_mismatch_count} problems "
+                   "(must be 0)")
+        out += [f"  TREE NOT EXACT: {m}" for m in rep.tree_mismatches]
     out += ["", "text the template adds (not in the data):" + ("" if rep.added_text else " none")]
     out += [f"  {a.where}, {a.conversations} conversations: {_short(a.text)}" for a in rep.added_text[:MAX_LISTED]]
     if len(rep.added_text) > MAX_LISTED:

@@ -57,6 +57,9 @@ class Recipe:
             source = f" (chat_template {d.chat_template})"
         else:
             source = f" (chat_template of {self.tokenizer_dir})"
+        kwargs = getattr(self.template, "template_kwargs", None)
+        if kwargs:
+            source += f", template_kwargs {kwargs}"
         return (f"template {self.template.name}{source}, strategy {o.strategy}, weighting {o.weighting}, "
                 f"max_length {o.max_length}, history_fraction {o.history_fraction:g}, "
                 f"cut_long_replies {str(o.cut_long_replies).lower()}")
@@ -74,15 +77,61 @@ def recipe(cfg: Config, tokenizer_from: str | Path | None = None) -> Recipe:
 
     folder = tokenizer_folder(tokenizer_from if tokenizer_from is not None else cfg.model.path)
     tokenizer = load_tokenizer(folder, trust_remote_code=cfg.model.trust_remote_code)
-    chat_template = None
     if cfg.data.chat_template:
         try:
-            chat_template = Path(cfg.data.chat_template).read_text(encoding="utf-8")
+            text = Path(cfg.data.chat_template).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             why = getattr(e, "strerror", None) or e
             raise ConfigError(f"data.chat_template: cannot read {cfg.data.chat_template}: {why}") from None
-        tokenizer.chat_template = chat_template  # saved with a run's result, so `chat` and `eval` use it too
-    return Recipe(cfg, tokenizer, resolve_template(tokenizer, cfg.data.template, chat_template), folder)
+        tokenizer.chat_template = text  # saved with a run's result, so `chat` and `eval` use it too
+        return Recipe(cfg, tokenizer, run_template(cfg, tokenizer), folder)
+    saved = saved_template(folder) if cfg.data.template == "auto" else None
+    if saved is not None:  # a run's result: the template it trained with, not what `auto` makes of its tokenizer
+        return Recipe(cfg, tokenizer, template_from_record(tokenizer, saved, cfg.data.template_kwargs), folder)
+    return Recipe(cfg, tokenizer, run_template(cfg, tokenizer), folder)
+
+
+def run_template(cfg: Config, tokenizer) -> Template:
+    """The template a run of ``cfg`` trains with, given its recipe's tokenizer (whose
+    ``chat_template`` :func:`recipe` has set to ``data.chat_template``'s text, when given)."""
+    chat_template = tokenizer.chat_template if cfg.data.chat_template else None
+    return resolve_template(tokenizer, cfg.data.template, chat_template, cfg.data.template_kwargs)
+
+
+# -- the template a run's result was trained with (its turntune.json) ------------------------------
+RUN_META = "turntune.json"
+
+
+def template_record(template: Template) -> dict:
+    """What a run's result stores of its template, resolved: ``auto`` would be decided again from
+    the saved tokenizer alone, and a GLM-4 tokenizer trained with a ``data.chat_template`` would
+    then get the native format."""
+    return {"template": template.name, "chat_template": getattr(template, "source", None),
+            "template_kwargs": dict(getattr(template, "template_kwargs", None) or {})}
+
+
+def saved_template(folder: str | Path) -> dict | None:
+    """The :func:`template_record` in ``folder``'s turntune.json; None where there is none (not a
+    run's result, or one saved before templates were stored resolved: its ``template`` is ``auto``)."""
+    meta = Path(folder) / RUN_META
+    if not meta.is_file():
+        return None
+    try:
+        record = json.loads(meta.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{meta}: cannot read the run's record ({type(e).__name__}: {e})") from None
+    if not isinstance(record, dict) or record.get("template") not in ("glm4", "hf"):
+        return None
+    if record["template"] == "hf" and not isinstance(record.get("chat_template"), str):
+        raise ConfigError(f"{meta}: template hf without its chat_template text; give --template or --config")
+    return record
+
+
+def template_from_record(tokenizer, record: dict, template_kwargs: dict | None = None) -> Template:
+    """The template :func:`template_record` describes; ``template_kwargs`` replace the saved ones when given."""
+    chat_template = record.get("chat_template") if record["template"] == "hf" else None
+    kwargs = template_kwargs or record.get("template_kwargs") or {}
+    return resolve_template(tokenizer, record["template"], chat_template, kwargs)
 
 
 def tokenizer_folder(path: str | Path) -> Path:
@@ -115,7 +164,7 @@ def adapter_base(folder: Path) -> str | None:
     config = folder / "adapter_config.json"
     if not config.is_file():
         return None
-    meta = folder / "turntune.json"
+    meta = folder / RUN_META
     try:
         if meta.is_file():
             return str(json.loads(meta.read_text(encoding="utf-8"))["base_model"])

@@ -99,7 +99,8 @@ class HFTemplate:
 
     name = "hf"
 
-    def __init__(self, tokenizer, chat_template: str | None = None, *, cache_size: int = 4096) -> None:
+    def __init__(self, tokenizer, chat_template: str | None = None, *, cache_size: int = 4096,
+                 template_kwargs: dict | None = None) -> None:
         source = chat_template if chat_template is not None else getattr(tokenizer, "chat_template", None)
         if isinstance(source, dict):  # several named templates: the default one renders chats
             source = source.get("default")
@@ -115,6 +116,10 @@ class HFTemplate:
         self._reads_tools = reads_variable(source, "tools")
         self.tokenizer = tokenizer
         self._specials = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
+        # Extra variables on every render (``clear_thinking``), so the analysis of each shape, the
+        # nothing-dropped check and the generation prompt all see the template as the user set it.
+        self.template_kwargs: dict = dict(template_kwargs or {})  # part of the cache's fingerprint when set
+        self._context = {**self._specials, **self.template_kwargs}
         added = tokenizer.added_tokens_decoder
         self._added = set(added)
 
@@ -161,7 +166,7 @@ class HFTemplate:
     # -- one conversation -------------------------------------------------------------------
     def _render(self, msgs: list[dict], tools: list[dict] | None, gen: bool, source: str) -> str:
         try:
-            return self._template.render(messages=msgs, tools=tools, add_generation_prompt=gen, **self._specials)
+            return self._template.render(messages=msgs, tools=tools, add_generation_prompt=gen, **self._context)
         except jinja2.exceptions.SecurityError as e:
             raise TemplateError(f"{source}: the chat template did something the sandbox forbids: {e}") from None
         except jinja2.exceptions.TemplateError as e:  # raise_exception(...) lands here
