@@ -139,6 +139,15 @@ def test_merge_keeps_the_training_template_and_generation_config(tiny_llama_path
     for name in ("chat_template.jinja", "tokenizer_config.json", "tokenizer.json", "generation_config.json"):
         assert (out / name).read_bytes() == (lora_run / name).read_bytes(), name
     assert load_tokenizer(out).chat_template == CHATML_TOOLS.read_text()
+    # the template the run resolved travels too: chat/eval on the merged folder with --template auto
+    # must not decide it again from the tokenizer (a GLM-4 tokenizer would get the native format)
+    from turntune.recipes import RUN_META, adapter_base, saved_template
+
+    keys = ("template", "chat_template", "template_kwargs")
+    assert {k: saved_template(out)[k] for k in keys} == {k: saved_template(lora_run)[k] for k in keys}
+    assert saved_template(lora_run)["template"] == "hf"
+    assert "base_model" not in json.loads((out / RUN_META).read_text())  # a merged model is no adapter
+    assert adapter_base(out) is None
 
     # and the weights are the adapter folded in: the same logits as base + adapter
     from peft import PeftModel

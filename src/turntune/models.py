@@ -248,7 +248,8 @@ def merge_adapter(base: str, adapter: str | Path, out: str | Path) -> Path:
 
     The tokenizer, chat template and generation config are the adapter folder's, copied byte for
     byte: a run trained with its own template (``data.chat_template``) must be evaluated and served
-    with it, not with the base model's. An adapter folder without tokenizer files (a plain PEFT
+    with it, not with the base model's; so is the template the run resolved (its ``turntune.json``
+    record, without the base model), which ``chat``/``eval`` with ``--template auto`` then use. An adapter folder without tokenizer files (a plain PEFT
     adapter) gets the base model's.
 
     >>> merge_adapter("builtin:smollm2", "runs/smollm2-lora/final", "merged")  # doctest: +SKIP
@@ -270,4 +271,11 @@ def merge_adapter(base: str, adapter: str | Path, out: str | Path) -> Path:
         load_tokenizer(base).save_pretrained(out)
     for f in carried:
         shutil.copyfile(adapter / f, out / f)
+    from turntune.recipes import RUN_META, saved_template
+
+    record = saved_template(adapter)
+    if record is not None:  # the template the run resolved (not its base model: this folder is whole)
+        kept = {k: record[k] for k in ("template", "chat_template", "template_kwargs") if k in record}
+        (out / RUN_META).write_text(json.dumps({**kept, "merged_from": str(adapter)}, indent=2) + "\n",
+                                    encoding="utf-8")
     return out
