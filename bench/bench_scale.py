@@ -201,9 +201,10 @@ def plans(n: int, lengths_from: str | None) -> None:
         assert kind != "packed" or o["batches"] == w["batches"], (o, w)  # the same packing, other shuffles
         print(f"{names[kind]:34}{o['seconds']:8.2f}{o['kept_mb']:10.0f}{o['peak_mb']:10.0f}"
               f"{w['seconds']:8.2f}{w['kept_mb']:10.0f}{w['peak_mb']:10.0f}{o['seconds'] / w['seconds']:9.1f}x")
-    print(f"new plans' arrays: packed {runs['packed', 'new']['nbytes_mb']:.1f} MB ({runs['packed', 'new']['batches']:,} "
-          f"micro-batches), budget {runs['budget', 'new']['nbytes_mb']:.1f} MB ({runs['budget', 'new']['batches']:,}; "
-          f"old {runs['budget', 'old']['batches']:,}: other shuffles, other mega-batches)")
+    packed, budget = runs["packed", "new"], runs["budget", "new"]
+    print(f"new plans' arrays: packed {packed['nbytes_mb']:.1f} MB ({packed['batches']:,} micro-batches), budget "
+          f"{budget['nbytes_mb']:.1f} MB ({budget['batches']:,}; old {runs['budget', 'old']['batches']:,}: other "
+          "shuffles, other mega-batches)")
 
 
 def main() -> None:
@@ -211,7 +212,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=20000)
     ap.add_argument("--small", type=int, default=2000)
     ap.add_argument("--plans", type=int, metavar="N", help="only time epoch-0 plans for N lengths, old vs new")
-    ap.add_argument("--lengths-from", metavar="DIR", help="with --plans: the lengths of this encoded folder")
+    ap.add_argument("--lengths-from", metavar="DIR", help="time the plans on the lengths of this encoded folder")
     ap.add_argument("--warm", nargs=2, help=argparse.SUPPRESS)  # (internal) data, cache
     ap.add_argument("--plan-one", nargs=3, help=argparse.SUPPRESS)  # (internal) old|new, packed|budget, N
     a = ap.parse_args()
@@ -221,8 +222,8 @@ def main() -> None:
     if a.plan_one:
         print(json.dumps(plan_run(a.plan_one[0], a.plan_one[1], int(a.plan_one[2]), a.lengths_from)))
         return
-    if a.plans:
-        plans(a.plans, a.lengths_from)
+    if a.plans is not None or a.lengths_from:
+        plans(a.plans or 0, a.lengths_from)
         return
     with tempfile.TemporaryDirectory(dir=ROOT / "bench") as tmp:
         tmp = Path(tmp)

@@ -336,10 +336,11 @@ def model_inputs(batch: Batch, *, block_mask_dtype: torch.dtype | None = None,
 # ---- samplers: which examples share a batch. Index arrays only; every index exactly once. ----
 #
 # Plans are computed from the length array alone (numpy; the cache's ``lengths``) and kept as flat
-# arrays: at a million examples a list of lists of Python ints costs tens of MB and seconds to
-# build, the arrays 8 bytes per index. Shuffles use numpy's ``Generator`` (``default_rng(seed)``,
-# PCG64): the same seed gives the same plan (numpy is pinned in pyproject.toml; NEP 19 allows a
-# numpy release to change the stream, so a run resumed under another numpy may see another order).
+# arrays, 8 bytes per index: lists of lists of Python ints cost several times that and are slow to
+# build at a million examples (bench/README.md, "plans"). Shuffles use numpy's ``Generator``
+# (``default_rng(seed)``, PCG64): the same seed gives the same plan (numpy is pinned in
+# pyproject.toml; NEP 19 allows a numpy release to change the stream, so a run resumed under
+# another numpy may see another order).
 
 @dataclass(frozen=True, eq=False)
 class Ragged(Sequence[list[int]]):

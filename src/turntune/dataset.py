@@ -78,7 +78,7 @@ def file_digest(path: Path, memo: Path | None = None) -> str:
 
     With ``memo`` (a folder) the digest is kept there, keyed by the resolved path and each file's
     size, mtime_ns, inode and device, and read back while those are unchanged: a warm start would
-    otherwise read the whole data file again (about 2 s per GB). The value is the same either way.
+    otherwise read and hash the whole data file again. The value is the same either way.
     """
     if memo is None:
         return _sha256_of(path)
