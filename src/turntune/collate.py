@@ -388,8 +388,9 @@ class Ragged(Sequence[list[int]]):
         offsets = np.zeros(len(sizes) + 1, dtype=np.int64)
         np.cumsum(sizes, out=offsets[1:])
         # position p of the new layout reads old position p + (old start - new start) of its list
-        shift = np.repeat(self.offsets[:-1][order] - offsets[:-1], sizes)
-        return Ragged(self.values[np.arange(len(shift), dtype=np.int64) + shift], offsets)
+        where = np.repeat(self.offsets[:-1][order] - offsets[:-1], sizes)
+        where += np.arange(len(where), dtype=np.int64)
+        return Ragged(self.values[where], offsets)
 
 
 @dataclass(frozen=True, eq=False)
