@@ -1,6 +1,15 @@
 """Real-size data: encoding into the cache, its size on disk, and what a warm cache costs a run.
 
     .venv/bin/python bench/bench_scale.py --n 20000 --small 2000       # ~6 min on 2 shared cores
+    .venv/bin/python bench/bench_scale.py --plans 1000000              # ~1 min: epoch-0 plans, old vs new
+
+``--plans N``: the batch plan of epoch 0 (what ``MicroBatches`` computes before step 1) for N
+random lengths (lognormal, clipped to 100..2048, mean ~700: ~700 M tokens at 1 M; or the lengths
+of an encoded folder with ``--lengths-from DIR``), with the old list code (tests/plans_reference.py:
+``lengths.tolist()``, then the plan as lists of lists) and the array code (collate.py), packed
+(4 rows of 2048 per micro-batch) and by token budget (8192), each in a fresh process: seconds,
+and resident memory the plan keeps (RSS with the plan alive minus RSS before it) and at its peak
+while planning. The old start planned epoch 0 twice (the count, then step 0); the times here are one plan.
 
 On ``--n`` generated conversations (bench/gen.py, OpenAI records in a JSONL file) with the
 SmolLM2 tokenizer and examples/templates/chatml-tools.jinja, strategy ``all``, max_length 2048:
@@ -90,37 +99,131 @@ def encode_run(data: Path, out: Path, num_proc: int) -> dict:
 
 
 def warm_run(data: Path, cache: Path) -> dict:
-    """In a fresh process: what a run does with its data before the first step."""
+    """In a fresh process: what a run does with its data before the first step (``MicroBatches``
+    as ``train`` builds it: packed rows of 2048, 4 per micro-batch), and 10 micro-batches after."""
     import resource
 
-    from turntune.collate import packed_batches, rows_batch
+    from turntune.config import load_config
     from turntune.dataset import cached_encode
     from turntune.encoding import EncodeOptions
+    from turntune.parallel import Dist
+    from turntune.training import MicroBatches
 
     tmpl = _template()
+    cfg = load_config(None, ["data.max_length=2048", "train.micro_batch_tokens=8192"])
     rss0 = _tree_rss(os.getpid())
     t0 = time.time()
     got = cached_encode(data, tmpl, EncodeOptions("all", "token", 2048), cache_dir=cache, num_proc=1)
     t_open = time.time() - t0
     assert not got.encoded_here
-    lengths = got.data.lengths.tolist()
-    plan = packed_batches(lengths, 2048, 4, seed=0)
+    batches = MicroBatches(got.data, cfg, Dist(), pad_id=0)
     t_plan = time.time() - t0 - t_open
-    batch = rows_batch([[got.data[j] for j in row] for row in plan[0]], pad_id=0)
+    batch = batches.get(0)
     dt = time.time() - t0
-    return {"examples": len(got.data), "open_s": t_open, "plan_s": t_plan, "first_batch_s": dt, "rows": len(batch.seq_lens),
+    t1 = time.time()
+    for g in range(1, 11):
+        batches.get(g)
+    per_batch = (time.time() - t1) / 10
+    return {"examples": len(got.data), "open_s": t_open, "plan_s": t_plan, "first_batch_s": dt,
+            "rows": len(batch.seq_lens), "next_batches_ms": per_batch * 1000,
             "rss_growth_mb": (_tree_rss(os.getpid()) - rss0) / 2**20,
             "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _lengths(n: int, lengths_from: str | None):
+    import numpy as np
+
+    if lengths_from:
+        from turntune.dataset import EncodedData
+
+        return np.asarray(EncodedData(lengths_from).lengths)
+    rng = np.random.default_rng(0)
+    return np.clip(rng.lognormal(6.3, 0.7, n), 100, 2048).astype(np.int64)
+
+
+def plan_run(impl: str, kind: str, n: int, lengths_from: str | None) -> dict:
+    """In a fresh process: one epoch-0 plan, its time and the resident memory it keeps and peaks at."""
+    import gc
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from plans_reference import old_packed_batches, old_token_budget_batches  # imported before measuring
+
+    from turntune.collate import packed_batches, token_budget_batches  # (torch with it)
+
+    lengths = _lengths(n, lengths_from)
+    gc.collect()
+    rss0 = _tree_rss(os.getpid())
+    peak, stop = [rss0], threading.Event()
+
+    def sample() -> None:  # resident size every 10 ms while planning (ru_maxrss would count earlier peaks)
+        while not stop.is_set():
+            peak[0] = max(peak[0], _tree_rss(os.getpid()))
+            time.sleep(0.01)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    t0 = time.perf_counter()
+    if impl == "old":
+        as_list = lengths.tolist()  # what MicroBatches did with the cache's array
+        plan = (old_packed_batches(as_list, 2048, 4, seed=0) if kind == "packed"
+                else old_token_budget_batches(as_list, 8192, seed=0))
+        del as_list
+    else:
+        plan = packed_batches(lengths, 2048, 4, seed=0) if kind == "packed" else token_budget_batches(lengths, 8192, 0)
+    seconds = time.perf_counter() - t0
+    stop.set()
+    th.join()
+    gc.collect()
+    kept = _tree_rss(os.getpid()) - rss0
+    return {"impl": impl, "kind": kind, "n": len(lengths), "tokens": int(lengths.sum()), "seconds": seconds,
+            "batches": len(plan), "kept_mb": kept / 2**20, "peak_mb": (peak[0] - rss0) / 2**20,
+            "nbytes_mb": getattr(plan, "nbytes", 0) / 2**20}
+
+
+def plans(n: int, lengths_from: str | None) -> None:
+    """Old and new epoch-0 plans side by side (each in its own process)."""
+    runs = {}
+    for kind in ("packed", "budget"):
+        for impl in ("old", "new"):
+            cmd = [sys.executable, __file__, "--plan-one", impl, kind, str(n)]
+            if lengths_from:
+                cmd += ["--lengths-from", lengths_from]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            runs[kind, impl] = json.loads(out.strip().splitlines()[-1])
+    r = runs["packed", "new"]
+    what = f"the lengths of {lengths_from}" if lengths_from else "random lengths (lognormal, 100..2048)"
+    print(f"epoch-0 plan of {r['n']:,} examples ({r['tokens'] / 1e6:,.0f} M tokens), {what}; one fresh process each")
+    print(f"{'':34}{'old (lists)':>28}{'new (arrays)':>28}{'':>10}")
+    print(f"{'':34}{'s':>8}{'kept MB':>10}{'peak MB':>10}{'s':>8}{'kept MB':>10}{'peak MB':>10}{'speed-up':>10}")
+    names = {"packed": "packed, 4 rows of 2048 per batch", "budget": "token budget 8192 per batch"}
+    for kind in ("packed", "budget"):
+        o, w = runs[kind, "old"], runs[kind, "new"]
+        assert kind != "packed" or o["batches"] == w["batches"], (o, w)  # the same packing, other shuffles
+        print(f"{names[kind]:34}{o['seconds']:8.2f}{o['kept_mb']:10.0f}{o['peak_mb']:10.0f}"
+              f"{w['seconds']:8.2f}{w['kept_mb']:10.0f}{w['peak_mb']:10.0f}{o['seconds'] / w['seconds']:9.1f}x")
+    packed, budget = runs["packed", "new"], runs["budget", "new"]
+    print(f"new plans' arrays: packed {packed['nbytes_mb']:.1f} MB ({packed['batches']:,} micro-batches), budget "
+          f"{budget['nbytes_mb']:.1f} MB ({budget['batches']:,}; old {runs['budget', 'old']['batches']:,}: other "
+          "shuffles, other mega-batches)")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=20000)
     ap.add_argument("--small", type=int, default=2000)
+    ap.add_argument("--plans", type=int, metavar="N", help="only time epoch-0 plans for N lengths, old vs new")
+    ap.add_argument("--lengths-from", metavar="DIR", help="time the plans on the lengths of this encoded folder")
     ap.add_argument("--warm", nargs=2, help=argparse.SUPPRESS)  # (internal) data, cache
+    ap.add_argument("--plan-one", nargs=3, help=argparse.SUPPRESS)  # (internal) old|new, packed|budget, N
     a = ap.parse_args()
     if a.warm:
         print(json.dumps(warm_run(Path(a.warm[0]), Path(a.warm[1]))))
+        return
+    if a.plan_one:
+        print(json.dumps(plan_run(a.plan_one[0], a.plan_one[1], int(a.plan_one[2]), a.lengths_from)))
+        return
+    if a.plans is not None or a.lengths_from:
+        plans(a.plans or 0, a.lengths_from)
         return
     with tempfile.TemporaryDirectory(dir=ROOT / "bench") as tmp:
         tmp = Path(tmp)

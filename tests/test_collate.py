@@ -4,6 +4,7 @@ from __future__ import annotations
 import random
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -11,14 +12,16 @@ from hypothesis import strategies as st
 from transformers import GlmConfig, GlmForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from turntune.collate import (
-    block_causal_mask, length_grouped_batches, model_inputs, pack, pack_batch, packed_batches, pad_batch,
-    rows_batch, token_budget_batches, varlen_kwargs,
+    PackedPlan, Ragged, block_causal_mask, length_grouped_batches, model_inputs, pack, pack_batch, pack_rows,
+    packed_batches, pad_batch, rows_batch, token_budget_batches, varlen_kwargs,
 )
 from turntune.attention import register as register_attention
 from turntune.constants import IGNORE_INDEX as IG
 from turntune.errors import ConfigError, DataError
 from turntune.example import Example
 from turntune.loss import batch_loss, per_token_losses, reads_varlen
+from plans_reference import (old_length_grouped_batches, old_pack, old_packed_batches,
+                             old_token_budget_batches)
 
 VOCAB = 101
 
@@ -129,6 +132,94 @@ def test_pack_properties(lengths: list[int], max_length: int) -> None:
             used_before = sum(lengths[i] for i in earlier if (-lengths[i], i) < (-lengths[first], first))
             assert used_before + lengths[first] > max_length
     assert pack(lengths, max_length) == rows
+
+
+def _length_arrays() -> list[tuple[list[int], int]]:
+    """(lengths, max_length) cases for pack against the old algorithm: random spreads, exact fits
+    (halves, thirds, whole rows), max_length 1, all equal, a single item, none."""
+    rng = np.random.default_rng(11)
+    cases: list[tuple[list[int], int]] = [([], 8), ([1], 1), ([1] * 7, 1), ([5], 5), ([4] * 9, 8), ([3] * 10, 9),
+                                          ([6, 4, 5, 5, 2, 8, 10, 10], 10), ([7, 3] * 20 + [10] * 3, 10)]
+    for k in range(150):
+        max_length = int(rng.choice([1, 2, 3, 7, 16, 64, 100, 2048]))
+        n = int(rng.integers(0, 400))
+        if k % 3 == 0:  # a few distinct values: many exact fits and ties
+            values = rng.choice(np.unique(rng.integers(1, max_length + 1, 4)), n)
+        elif k % 3 == 1:
+            values = rng.integers(1, max_length + 1, n)
+        else:  # long-tailed, like encoded chats
+            values = np.clip(rng.lognormal(np.log(max_length) - 1.5, 0.8, n).astype(int), 1, max_length)
+        cases.append((values.tolist(), max_length))
+    return cases
+
+
+@pytest.mark.parametrize("lengths,max_length", _length_arrays())
+def test_pack_equals_the_old_algorithm(lengths: list[int], max_length: int) -> None:
+    """The array version is the old best-fit decreasing (sorted list + insort), row for row."""
+    want = old_pack(lengths, max_length)
+    assert pack(lengths, max_length) == want
+    rows = pack_rows(np.array(lengths, dtype=np.int32), max_length)  # the cache's array, any int dtype
+    assert rows.tolist() == want and rows.values.dtype == rows.offsets.dtype == np.int64
+    assert [rows[r] for r in range(len(rows))] == want and rows[-1:] == want[-1:]
+
+
+@pytest.mark.parametrize("lengths,index,n", [([3, 0, 12, 12, -1], 2, 12), ([3, 0, 4, -1], 1, 0),
+                                              ([3, -2, 4, -1], 3, -1), ([11], 0, 11)])
+def test_pack_names_the_same_bad_length_as_before(lengths: list[int], index: int, n: int) -> None:
+    message = f"example {index} has {n} tokens; packing needs 1..max_length=10"
+    with pytest.raises(DataError) as old:
+        old_pack(lengths, 10)
+    assert str(old.value) == message
+    for given in (lengths, np.array(lengths)):
+        with pytest.raises(DataError) as new:
+            pack(given, 10)
+        assert str(new.value) == message and new.value.rule == "length"
+
+
+class NumpyShuffles:
+    """``random.shuffle`` as the array samplers shuffle: numpy's permutations of one Generator."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+
+    def shuffle(self, items: list) -> None:
+        items[:] = [items[i] for i in self.rng.permutation(len(items))]
+
+
+@pytest.mark.parametrize("n,seed", [(0, 0), (1, 3), (37, 1), (500, 5), (3001, 7)])
+def test_samplers_equal_the_old_ones_given_the_same_shuffles(n: int, seed: int) -> None:
+    """Grouping, budget and packing on arrays = the old list code, batch for batch, once both draw
+    their shuffles from numpy (the only change: random.Random's order -> numpy's)."""
+    lengths = multi_turn_lengths(n, seed=seed)
+    if n > 2:
+        lengths[n // 2] = 5000  # over every budget below: a batch of its own
+    for size, mult in ((1, 1), (8, 10), (16, 50)):
+        assert length_grouped_batches(np.array(lengths), size, seed, mega_batch_mult=mult).tolist() == \
+            old_length_grouped_batches(lengths, size, seed, mega_batch_mult=mult, shuffler=NumpyShuffles(seed))
+    for budget, mega in ((1, 4096), (2048, 7), (4096, 4096), (16384, 300)):
+        assert token_budget_batches(np.array(lengths), budget, seed, mega_batch_size=mega).tolist() == \
+            old_token_budget_batches(lengths, budget, seed, mega_batch_size=mega, shuffler=NumpyShuffles(seed))
+    fits = [min(x, 2048) for x in lengths]
+    for rows in (1, 3):
+        assert packed_batches(np.array(fits), 2048, rows, seed).tolist() == \
+            old_packed_batches(fits, 2048, rows, seed, shuffler=NumpyShuffles(seed))
+
+
+def test_plans_are_flat_arrays() -> None:
+    """A plan keeps 8 bytes per index in two arrays (no list per batch) and indexes like the lists."""
+    lengths = np.array(multi_turn_lengths(2000, seed=4))
+    budget = token_budget_batches(lengths, 8192, seed=2)
+    packed = packed_batches(lengths, 2048, 4, seed=2)
+    assert isinstance(budget, Ragged) and isinstance(packed, PackedPlan)
+    assert budget.nbytes == 8 * (2000 + len(budget) + 1)
+    assert packed.nbytes == 8 * (2000 + len(packed.rows) + 1)
+    assert budget[len(budget) - 1] == budget[-1] == budget.tolist()[-1]
+    assert packed[-1] == packed.rows[(len(packed) - 1) * 4:] and len(packed) == -(-len(packed.rows) // 4)
+    assert sorted(budget.values.tolist()) == sorted(packed.rows.values.tolist()) == list(range(2000))
+    with pytest.raises(IndexError):
+        budget[len(budget)]
+    with pytest.raises(ConfigError, match="seed must be >= 0"):
+        packed_batches(lengths, 2048, 4, seed=-1)
 
 
 def test_packing_fills_rows() -> None:

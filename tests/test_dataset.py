@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -156,8 +157,70 @@ def test_fingerprint_changes_reencode_and_nothing_else_does(chatml, smollm2_toke
     assert all(here for here, _ in changed) and len({f for _, f in changed} | {first[1]}) == 6
     data.write_bytes(data.read_bytes().replace(b"Paris", b"Lyon", 1))  # one word of the data
     assert run()[0]
-    assert sorted(p.name for p in cache.iterdir() if not p.name.endswith(".lock")) == sorted(
-        p.name for p in cache.iterdir() if (p / dataset.MARKER).is_file())  # no temporary folder left
+    assert sorted(p.name for p in cache.iterdir() if not p.name.endswith(".lock") and p.name != dataset.DIGESTS) \
+        == sorted(p.name for p in cache.iterdir() if (p / dataset.MARKER).is_file())  # no temporary folder left
+
+
+def _reads_of(path: Path, monkeypatch) -> list[str]:
+    """A list that gets one entry each time ``path`` is opened for reading (through pathlib)."""
+    reads: list[str] = []
+    real = Path.open
+
+    def counting(self, mode="r", *a, **k):  # noqa: ANN001
+        if "r" in mode and self.resolve() == path.resolve():
+            reads.append(mode)
+        return real(self, mode, *a, **k)
+
+    monkeypatch.setattr(Path, "open", counting)
+    return reads
+
+
+def test_warm_start_does_not_read_the_data_file_again(chatml, tmp_path, monkeypatch):
+    """The data's digest is memoised in the cache root by path, size, mtime and inode: a warm start
+    hashes nothing; a same-size edit with a new time hashes again and re-encodes; a corrupt memo is
+    only a re-hash; the fingerprint is the value it always was."""
+    data = _data(tmp_path, copies=1, bad=False)
+    old = time.time_ns() - 60 * 10**9
+    os.utime(data, ns=(old, old))  # written a minute ago (a file written just now is not memoised)
+    cache, opts = tmp_path / "cache", EncodeOptions("all", "token", 512)
+    want = dataset.fingerprint(dataset.encode_inputs(data, chatml, opts))  # no memo: the value as ever
+
+    def run():
+        got = cached_encode(data, chatml, opts, cache_dir=cache, num_proc=1)
+        return got.encoded_here, got.data.folder.name
+
+    assert run() == (True, want[:32])
+    memo = list((cache / dataset.DIGESTS).iterdir())
+    assert len(memo) == 1 and json.loads(memo[0].read_text())["sha256"] == dataset.file_digest(data)
+    reads = _reads_of(data, monkeypatch)
+    assert run() == (False, want[:32]) and reads == []  # warm: the file is not opened at all
+    assert dataset.fingerprint(dataset.encode_inputs(data, chatml, opts, digests=cache / dataset.DIGESTS)) == want
+
+    memo[0].write_text('{"path": "' + str(data.resolve()) + '", "files": [')  # cut short
+    assert run() == (False, want[:32]) and reads == ["rb"]  # hashed once, not fatal, not re-encoded
+    assert run() == (False, want[:32]) and reads == ["rb"]  # and memoised again
+    memo[0].write_text('["not", "a", "memo"]')
+    assert run() == (False, want[:32]) and reads == ["rb", "rb"]
+
+    text = data.read_bytes()
+    data.write_bytes(text.replace(b"Paris", b"Pariz", 1))  # same size, new content
+    os.utime(data, ns=(old + 10**9, old + 10**9))
+    reads.clear()
+    here, folder = run()
+    assert (here, reads) == (True, ["rb", "rb"]) and folder != want[:32]  # hashed, then encoded
+    assert run() == (False, folder) and reads == ["rb", "rb"]  # the new content's digest is the memo now
+
+
+def test_a_file_written_just_now_is_hashed_every_time(chatml, tmp_path, monkeypatch):
+    """Its mtime cannot yet tell a later same-size rewrite apart (timestamps have a granularity),
+    so its digest is not memoised until it has been left alone for a moment."""
+    data = _data(tmp_path, copies=1, bad=False)
+    cache, opts = tmp_path / "cache", EncodeOptions("all", "token", 512)
+    assert cached_encode(data, chatml, opts, cache_dir=cache, num_proc=1).encoded_here
+    assert not (cache / dataset.DIGESTS).exists()
+    reads = _reads_of(data, monkeypatch)
+    assert not cached_encode(data, chatml, opts, cache_dir=cache, num_proc=1).encoded_here
+    assert reads == ["rb"]
 
 
 def test_interrupted_write_is_detected_and_redone(chatml, tmp_path, small_chunks, monkeypatch):
@@ -239,7 +302,7 @@ def test_two_gloo_ranks_share_one_cache(smollm2_path, tmp_path):
     assert every[0][1:] == every[1][1:] and every[0][2] > 0  # both read the same data
     assert seen[0]["folder"] == seen[1]["folder"]
     cache = tmp_path / "cache"
-    assert len([f for f in cache.iterdir() if f.is_dir()]) == 1
+    assert len([f for f in cache.iterdir() if f.is_dir() and f.name != dataset.DIGESTS]) == 1
 
 
 # -- Parquet and datasets folders ---------------------------------------------------------------

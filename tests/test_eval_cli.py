@@ -116,3 +116,38 @@ def test_eval_figures_match_the_models_own_logits(compared, tiny_glm_path, glm4_
         assert v["loss"] == pytest.approx(ref[f"reply {k}"][0], rel=1e-4)
     for k, v in got["per_kind"].items():
         assert (v["tokens"], v["loss"]) == (ref[k][1], pytest.approx(ref[k][0], rel=1e-4))
+
+
+@pytest.mark.slow
+def test_a_second_eval_reads_the_cache_and_prints_the_same(tiny_glm_path, data, tmp_path, monkeypatch):
+    """`turntune eval` encodes through the cache `train` reads: the first run writes it, the second
+    maps it without encoding anything, and both print and write the same figures."""
+    from turntune import dataset, encoding
+
+    cache = tmp_path / "cache"
+
+    def run(n: int) -> tuple[str, dict]:
+        out, buf = tmp_path / f"eval{n}.json", io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            code = main(["eval", str(tiny_glm_path), str(data), "--json", str(out), "--train.autocast=fp32",
+                         f"--data.cache_dir={cache}", "--data.num_proc=1"])
+        assert code == 0
+        return buf.getvalue(), json.loads(out.read_text())
+
+    first = run(1)
+    folders = [p for p in cache.iterdir() if (p / dataset.MARKER).is_file()]
+    assert len(folders) == 1  # the eval split's encoded data, where train would look for it
+
+    def no_encoding(*a, **k):
+        raise AssertionError("the second eval encoded the data again")
+
+    for module, name in ((dataset, "write_encoded"), (dataset, "encode_conversations"),
+                         (encoding, "encode_conversations")):
+        monkeypatch.setattr(module, name, no_encoding)
+    second = run(2)
+    assert second == first
+    assert [p for p in cache.iterdir() if (p / dataset.MARKER).is_file()] == folders
+    text, res = first
+    assert text.splitlines()[0] == f"{data}: {N} records, {N} valid, 0 skipped"
+    assert set(res["model"]["per_kind"]) == {"answer", "tool_call"}  # the kinds, from the cached flags
+    assert sum(v["tokens"] for v in res["model"]["per_kind"].values()) == res["model"]["tokens"]

@@ -166,14 +166,15 @@ def _train(a) -> int:
 
 def _eval(a) -> int:
     """Score a model (and ``--compare``: a second one) on the held-out replies, encoded once with
-    the tuned model's tokenizer and the run's template and settings, at the run's precision."""
+    the tuned model's tokenizer and the run's template and settings, at the run's precision.
+    The encoded replies come from the cache ``train`` reads (``dataset.cached_encode``): a second
+    eval of the same data and settings maps them instead of encoding again."""
     import torch
 
     from turntune.chat import load_for_chat
-    from turntune.data import load_conversations
-    from turntune.encoding import encode_conversations
+    from turntune.dataset import cached_encode
     from turntune.errors import ConfigError, DataError
-    from turntune.evaluation import evaluate, turn_kinds
+    from turntune.evaluation import evaluate
     from turntune.models import check_model_folder, load_tokenizer
     from turntune.recipes import has_tokenizer, recipe, tokenizer_folder
     from turntune.training import use_autocast
@@ -189,13 +190,13 @@ def _eval(a) -> int:
     data = data_path(a, cfg, "eval")
     for path in filter(None, (tuned, a.adapter, a.compare)):  # a damaged folder is named before the data is read
         check_model_folder(path)
-    res = load_conversations(data, format=cfg.data.format, on_invalid=cfg.data.on_invalid)
-    print(res.report.summary())
     # The tuned model's tokenizer (an adapter folder's own, where it has one: the run saved its template there)
     own = a.adapter is not None and has_tokenizer(Path(a.adapter).expanduser())
     r = recipe(cfg, tokenizer_from=a.adapter if own else tuned)
-    exs = encode_conversations(res.conversations, r.template, r.eval_options, on_invalid=cfg.data.on_invalid)
-    if not exs:
+    exs = cached_encode(data, r.template, r.eval_options, format=cfg.data.format, on_invalid=cfg.data.on_invalid,
+                        cache_dir=cfg.data.cache_dir, num_proc=cfg.data.num_proc).data
+    print(exs.data_report.summary())
+    if not len(exs):
         raise DataError(f"{data}: no example has a trained token; nothing to evaluate")
     print(f"encoding: {r.describe(r.eval_options)}")
     if a.compare:  # both models score the same token ids: only meaningful with the same tokenizer
@@ -211,7 +212,7 @@ def _eval(a) -> int:
     runs = [("tuned" if a.compare else "model", tuned_name, tuned, a.adapter)]
     if a.compare:
         runs.append(("base", a.compare, a.compare, None))
-    kinds = turn_kinds(res.conversations)
+    kinds = exs.turn_kinds()  # from the cached flags: (source, reply) -> answer / tool_call
     results = []
     for role, name, path, adapter in runs:
         print(f"{role}: {name}")

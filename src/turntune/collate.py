@@ -34,13 +34,14 @@ branch attend to the end of the trunk, so tree batches never take those paths.
 """
 from __future__ import annotations
 
-import bisect
 import itertools
-import random
-from collections.abc import Sequence
+from bisect import bisect_left, insort
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
+from heapq import heappop, heappush
 from typing import Literal
 
+import numpy as np
 import torch
 
 from turntune.constants import IGNORE_INDEX, NO_TURN
@@ -181,37 +182,23 @@ def pad_batch(
     return Batch(attention_mask=mask, seq_lens=[[len(e)] for e in examples], **t)
 
 
-def pack(examples: Sequence[Example] | Sequence[int], max_length: int) -> list[list[int]]:
+def pack(examples: Sequence[Example] | Sequence[int] | np.ndarray, max_length: int) -> list[list[int]]:
     """Bin examples (or plain lengths) into rows of at most ``max_length`` tokens.
 
     Best-fit decreasing: longest first, each into the fullest row that still has room (ties: the
     earliest row), else a new row. Deterministic. Returns, per row, indices into ``examples`` in
     the order they were placed. An example longer than ``max_length`` is a ``DataError`` (the
-    encoder's windows keep every sequence within ``max_length``).
+    encoder's windows keep every sequence within ``max_length``). ``pack_rows`` gives the same
+    rows as flat arrays (what a plan over a million examples keeps).
 
     >>> pack([7, 5, 4, 3, 2, 2, 1], 10)
     [[0, 3], [1, 2, 6], [4, 5]]
     """
-    lengths = [x if isinstance(x, int) else len(x) for x in examples]
-    rows: list[list[int]] = []
-    free: list[tuple[int, int]] = []  # (room left, row index), sorted: bisect finds the best fit
-    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        n = lengths[i]
-        if not 0 < n <= max_length:
-            src = "" if isinstance(examples[i], int) else examples[i].source
-            raise DataError(f"example {i} has {n} tokens; packing needs 1..max_length={max_length}",
-                            source=src, rule="length")
-        k = bisect.bisect_left(free, (n, -1))
-        if k == len(free):
-            rows.append([i])
-            room, row = max_length - n, len(rows) - 1
-        else:
-            room, row = free.pop(k)
-            rows[row].append(i)
-            room -= n
-        if room > 0:
-            bisect.insort(free, (room, row))
-    return rows
+    if isinstance(examples, np.ndarray):
+        return pack_rows(examples, max_length).tolist()
+    lengths = np.fromiter((x if isinstance(x, (int, np.integer)) else len(x) for x in examples), np.int64,
+                          len(examples))
+    return pack_rows(lengths, max_length, source=lambda i: getattr(examples[i], "source", "")).tolist()
 
 
 def rows_batch(rows: Sequence[Sequence[Example]], *, pad_id: int, pad_to_multiple_of: int | None = None) -> Batch:
@@ -346,36 +333,199 @@ def model_inputs(batch: Batch, *, block_mask_dtype: torch.dtype | None = None,
     return out
 
 
-# ---- samplers: which examples share a batch. Index lists only; every index exactly once. ----
+# ---- samplers: which examples share a batch. Index arrays only; every index exactly once. ----
+#
+# Plans are computed from the length array alone (numpy; the cache's ``lengths``) and kept as flat
+# arrays, 8 bytes per index: lists of lists of Python ints cost several times that and are slow to
+# build at a million examples (bench/README.md, "plans"). Shuffles use numpy's ``Generator``
+# (``default_rng(seed)``, PCG64): the same seed gives the same plan (numpy is pinned in
+# pyproject.toml; NEP 19 allows a numpy release to change the stream, so a run resumed under
+# another numpy may see another order).
 
-def _longest_first(batches: list[list[int]], lengths: Sequence[int]) -> list[list[int]]:
-    # The batch with the most padded tokens goes first: an out-of-memory error shows at step 1.
-    if batches:
-        k = max(range(len(batches)), key=lambda b: max(lengths[i] for i in batches[b]) * len(batches[b]))
-        batches.insert(0, batches.pop(k))
-    return batches
+@dataclass(frozen=True, eq=False)
+class Ragged(Sequence[list[int]]):
+    """Lists of indices as two flat arrays: list j is ``values[offsets[j]:offsets[j + 1]]``.
+
+    ``r[j]`` gives list j as Python ints; ``r.tolist()`` all of them.
+
+    >>> Ragged(np.array([4, 1, 2]), np.array([0, 1, 3]))[1]
+    [1, 2]
+    """
+
+    values: np.ndarray  # int64 indices, list after list
+    offsets: np.ndarray  # int64, len(self) + 1 boundaries, from 0 to len(values)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, j):  # type: ignore[override]
+        if isinstance(j, slice):
+            return [self[k] for k in range(*j.indices(len(self)))]
+        j = range(len(self))[j]  # negative indices and IndexError as a list has them
+        return self.values[self.offsets[j]:self.offsets[j + 1]].tolist()
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Ragged):
+            return NotImplemented
+        return np.array_equal(self.values, other.values) and np.array_equal(self.offsets, other.offsets)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable arrays inside
+
+    @property
+    def sizes(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @property
+    def nbytes(self) -> int:
+        return self.values.nbytes + self.offsets.nbytes
+
+    def tolist(self) -> list[list[int]]:
+        return [part.tolist() for part in np.split(self.values, self.offsets[1:-1])] if len(self) else []
+
+    def take(self, order: np.ndarray) -> Ragged:
+        """The lists in the given order (a permutation of ``range(len(self))``)."""
+        sizes = self.sizes[order]
+        offsets = np.zeros(len(sizes) + 1, dtype=np.int64)
+        np.cumsum(sizes, out=offsets[1:])
+        # position p of the new layout reads old position p + (old start - new start) of its list
+        where = np.repeat(self.offsets[:-1][order] - offsets[:-1], sizes)
+        where += np.arange(len(where), dtype=np.int64)
+        return Ragged(self.values[where], offsets)
 
 
-def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int, *,
-                           mega_batch_mult: int = 50) -> list[list[int]]:
+@dataclass(frozen=True, eq=False)
+class PackedPlan(Sequence[list[list[int]]]):
+    """Packed batches: ``rows_per_batch`` consecutive rows of ``rows`` per batch (the last may have
+    fewer); ``plan[b]`` is batch b's rows, each a list of dataset indices."""
+
+    rows: Ragged
+    rows_per_batch: int
+
+    def __len__(self) -> int:
+        return -(-len(self.rows) // self.rows_per_batch)
+
+    def __getitem__(self, b):  # type: ignore[override]
+        if isinstance(b, slice):
+            return [self[k] for k in range(*b.indices(len(self)))]
+        b = range(len(self))[b]
+        return self.rows[b * self.rows_per_batch:(b + 1) * self.rows_per_batch]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, PackedPlan):
+            return NotImplemented
+        return self.rows_per_batch == other.rows_per_batch and self.rows == other.rows
+
+    __hash__ = None  # type: ignore[assignment]
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows.nbytes
+
+    def tolist(self) -> list[list[list[int]]]:
+        return self[:]
+
+
+def _as_lengths(lengths: Sequence[int] | np.ndarray) -> np.ndarray:
+    return np.asarray(lengths, dtype=np.int64).reshape(-1)
+
+
+def _best_fit(lengths: np.ndarray, max_length: int) -> tuple[np.ndarray, int]:
+    """The row of each item (items given longest first) under best fit, and the number of rows.
+
+    Rows with r tokens of room wait in ``waiting[r]``, a heap of row numbers (ties go to the
+    earliest row); ``rooms`` lists the r that have a waiting row, sorted, so the tightest fit is one
+    bisect over at most ``max_length`` values however many rows there are (a sorted list of all
+    open rows cost a memmove of the list per item). Full rows wait nowhere.
+    """
+    waiting: list[list[int]] = [[] for _ in range(max_length)]
+    rooms: list[int] = []
+    n_rows = 0
+    row_of = np.empty(len(lengths), dtype=np.int64)
+    step = 1 << 16  # Python ints for a slice at a time: bounded memory whatever the data size
+    for s in range(0, len(lengths), step):
+        chunk = lengths[s:s + step].tolist()
+        out = [0] * len(chunk)
+        for k, n in enumerate(chunk):
+            j = bisect_left(rooms, n)
+            if j == len(rooms):
+                row, left = n_rows, max_length - n
+                n_rows += 1
+            else:
+                room = rooms[j]
+                heap = waiting[room]
+                row = heappop(heap)
+                if not heap:
+                    del rooms[j]
+                left = room - n
+            out[k] = row
+            if left:
+                heap = waiting[left]
+                if not heap:
+                    insort(rooms, left)
+                heappush(heap, row)
+        row_of[s:s + len(chunk)] = out
+    return row_of, n_rows
+
+
+def pack_rows(lengths: Sequence[int] | np.ndarray, max_length: int, *,
+              source: Callable[[int], str] = lambda i: "") -> Ragged:
+    """``pack`` on a length array, as flat arrays: row r holds ``values[offsets[r]:offsets[r+1]]``
+    in placement order. ``source(i)`` names example i in the error for a bad length."""
+    lengths = _as_lengths(lengths)
+    bad = np.flatnonzero((lengths < 1) | (lengths > max_length))
+    if len(bad):  # the one the longest-first pass meets first: the longest, then the earliest
+        i = int(bad[np.argmax(lengths[bad])])
+        raise DataError(f"example {i} has {lengths[i]} tokens; packing needs 1..max_length={max_length}",
+                        source=source(i), rule="length")
+    order = np.argsort(-lengths, kind="stable")  # longest first, ties in index order
+    row_of, n_rows = _best_fit(lengths[order], max_length)
+    offsets = np.zeros(n_rows + 1, dtype=np.int64)
+    np.cumsum(np.bincount(row_of, minlength=n_rows), out=offsets[1:])
+    # stable: within a row, items stay in the order they were placed
+    return Ragged(order[np.argsort(row_of, kind="stable")], offsets)
+
+
+def _rng(seed: int) -> np.random.Generator:
+    if seed < 0:
+        raise ConfigError(f"seed must be >= 0, got {seed}")
+    return np.random.default_rng(seed)
+
+
+def _sorted_in_chunks(lengths: np.ndarray, order: np.ndarray, chunk: int) -> np.ndarray:
+    """``order`` with each run of ``chunk`` positions sorted longest first (stably)."""
+    top = int(lengths.max(initial=0)) + 1
+    key = (np.arange(len(order), dtype=np.int64) // chunk) * top + (top - 1 - lengths[order])
+    return order[np.argsort(key, kind="stable")]
+
+
+def _shuffle_longest_first(batches: Ragged, lengths: np.ndarray, rng: np.random.Generator) -> Ragged:
+    """The batches in random order, then the one with the most padded tokens moved first: an
+    out-of-memory error shows at step 1."""
+    if not len(batches):
+        return batches
+    order = rng.permutation(len(batches))
+    padded = np.maximum.reduceat(lengths[batches.values], batches.offsets[:-1]) * batches.sizes
+    k = int(np.argmax(padded[order]))  # the first such batch in the shuffled order
+    order = np.concatenate([order[k:k + 1], order[:k], order[k + 1:]])
+    return batches.take(order)
+
+
+def length_grouped_batches(lengths: Sequence[int] | np.ndarray, batch_size: int, seed: int, *,
+                           mega_batch_mult: int = 50) -> Ragged:
     """Batches of ``batch_size`` similar lengths: shuffle, sort within mega-batches of
     ``batch_size * mega_batch_mult``, cut, shuffle the batches (largest first). Same seed, same batches."""
     if batch_size < 1 or mega_batch_mult < 1:
         raise ConfigError(f"batch_size and mega_batch_mult must be >= 1, got {batch_size}, {mega_batch_mult}")
-    rng = random.Random(seed)
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    mega = batch_size * mega_batch_mult
-    batches: list[list[int]] = []
-    for s in range(0, len(order), mega):
-        chunk = sorted(order[s:s + mega], key=lambda i: -lengths[i])
-        batches += [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size)]
-    rng.shuffle(batches)
-    return _longest_first(batches, lengths)
+    lengths = _as_lengths(lengths)
+    rng = _rng(seed)
+    order = _sorted_in_chunks(lengths, rng.permutation(len(lengths)), batch_size * mega_batch_mult)
+    # every mega-batch but the last is a whole number of batches: cut the whole order in one go
+    offsets = np.append(np.arange(0, len(order), batch_size, dtype=np.int64), len(order))
+    return _shuffle_longest_first(Ragged(order, offsets), lengths, rng)
 
 
-def token_budget_batches(lengths: Sequence[int], max_tokens: int, seed: int, *,
-                         mega_batch_size: int = 4096) -> list[list[int]]:
+def token_budget_batches(lengths: Sequence[int] | np.ndarray, max_tokens: int, seed: int, *,
+                         mega_batch_size: int = 4096) -> Ragged:
     """Batches whose padded size (longest * count) stays within ``max_tokens``.
 
     Shuffle, sort each mega-batch longest first, fill greedily, shuffle the batches (largest
@@ -384,31 +534,31 @@ def token_budget_batches(lengths: Sequence[int], max_tokens: int, seed: int, *,
     """
     if max_tokens < 1 or mega_batch_size < 1:
         raise ConfigError(f"max_tokens and mega_batch_size must be >= 1, got {max_tokens}, {mega_batch_size}")
-    rng = random.Random(seed)
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    batches: list[list[int]] = []
+    lengths = _as_lengths(lengths)
+    rng = _rng(seed)
+    order = _sorted_in_chunks(lengths, rng.permutation(len(lengths)), mega_batch_size)
+    starts: list[int] = []
     for s in range(0, len(order), mega_batch_size):
-        current: list[int] = []
-        for i in sorted(order[s:s + mega_batch_size], key=lambda i: -lengths[i]):
-            if current and lengths[current[0]] * (len(current) + 1) > max_tokens:
-                batches.append(current)
-                current = []
-            current.append(i)
-        if current:
-            batches.append(current)
-    rng.shuffle(batches)
-    return _longest_first(batches, lengths)
+        # longest first: a batch's first example sets its width, so it takes max_tokens // width
+        # examples (at least one; a zero length takes the rest of the mega-batch)
+        sorted_lengths = lengths[order[s:s + mega_batch_size]].tolist()
+        pos = 0
+        while pos < len(sorted_lengths):
+            starts.append(s + pos)
+            width = sorted_lengths[pos]
+            pos += max(1, max_tokens // width) if width else len(sorted_lengths) - pos
+    offsets = np.array([*starts, len(order)], dtype=np.int64)
+    return _shuffle_longest_first(Ragged(order, offsets), lengths, rng)
 
 
-def packed_batches(lengths: Sequence[int], max_length: int, rows_per_batch: int, seed: int) -> list[list[list[int]]]:
-    """Pack the whole dataset (``pack``), shuffle the rows, group ``rows_per_batch`` rows per batch.
+def packed_batches(lengths: Sequence[int] | np.ndarray, max_length: int, rows_per_batch: int,
+                   seed: int) -> PackedPlan:
+    """Pack the whole dataset (``pack_rows``), shuffle the rows, group ``rows_per_batch`` rows per batch.
 
-    Returns per batch its rows of dataset indices; collate with
-    ``rows_batch([[data[i] for i in row] for row in batch], pad_id=...)``.
+    ``plan[b]`` is batch b's rows of dataset indices; collate with
+    ``rows_batch([[data[i] for i in row] for row in plan[b]], pad_id=...)``.
     """
     if rows_per_batch < 1:
         raise ConfigError(f"rows_per_batch must be >= 1, got {rows_per_batch}")
-    rows = pack(list(lengths), max_length)
-    random.Random(seed).shuffle(rows)
-    return [rows[s:s + rows_per_batch] for s in range(0, len(rows), rows_per_batch)]
+    rows = pack_rows(lengths, max_length)
+    return PackedPlan(rows.take(_rng(seed).permutation(len(rows))), rows_per_batch)

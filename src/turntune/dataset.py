@@ -61,6 +61,7 @@ ENCODING_VERSION = 1
 CHUNK = 2048  # records per unit of work: bounds each worker's Python objects
 _MAX_EXAMPLES = 3  # error texts kept per rule, as in the reports
 MARKER, META = "COMPLETE", "meta.json"
+DIGESTS = ".digests"  # in the cache root: data files' digests by path, size, mtime, inode (file_digest)
 # name -> dtype; explicit little-endian so a cache reads the same on any machine.
 COLUMNS = {"ids": "<i4", "turn": "<i2", "flags": "u1", "denom": "<i4", "offsets": "<i8", "n_turns": "<i4",
            "sources": "u1", "source_offsets": "<i8", "history_seen": "<i4",
@@ -69,8 +70,61 @@ LABELLED, TOOL_CALL = 1, 2  # bits of ``flags``
 
 
 # -- fingerprint --------------------------------------------------------------------------------
-def file_digest(path: Path) -> str:
-    """sha256 of a file's bytes, or of a folder's files (relative names and bytes, in name order)."""
+_SETTLED_NS = 2 * 10**9  # a file last written this long before it was hashed may have its digest memoised
+
+
+def file_digest(path: Path, memo: Path | None = None) -> str:
+    """sha256 of a file's bytes, or of a folder's files (relative names and bytes, in name order).
+
+    With ``memo`` (a folder) the digest is kept there, keyed by the resolved path and each file's
+    size, mtime_ns, inode and device, and read back while those are unchanged: a warm start would
+    otherwise read and hash the whole data file again. The value is the same either way.
+    """
+    if memo is None:
+        return _sha256_of(path)
+    resolved = path.resolve()
+    before = _stat_key(resolved)
+    entry = memo / f"{hashlib.sha256(str(resolved).encode('utf-8', 'surrogateescape')).hexdigest()[:32]}.json"
+    try:
+        saved = json.loads(entry.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        saved = None  # no memo yet, or one that cannot be read (a crash, a hand edit): hash, write it anew
+    if (isinstance(saved, dict) and saved.get("path") == str(resolved) and saved.get("files") == before
+            and isinstance(saved.get("sha256"), str) and len(saved["sha256"]) == 64):
+        return saved["sha256"]
+    started = time.time_ns()
+    digest = _sha256_of(path)
+    # Memoised only when the files kept still while hashing and were last written well before it:
+    # a same-size rewrite within one timestamp granule of the old time could not be told apart.
+    if _stat_key(resolved) == before and all(f[2] < started - _SETTLED_NS for f in before):
+        _write_memo(entry, {"path": str(resolved), "files": before, "sha256": digest})
+    return digest
+
+
+def _write_memo(entry: Path, value: dict) -> None:
+    """Write a digest memo atomically; a cache that cannot take it only means hashing next time too."""
+    tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(value), encoding="utf-8")
+        os.replace(tmp, entry)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def _stat_key(path: Path) -> list[list]:
+    """Per file of ``path`` (a file, or a folder's files): relative name, size, mtime_ns, inode, device."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    key = []
+    for f in files:
+        st = f.stat()
+        key.append([str(f.relative_to(path)) if path.is_dir() else "", st.st_size, st.st_mtime_ns, st.st_ino,
+                    st.st_dev])
+    return key
+
+
+def _sha256_of(path: Path) -> str:
     h = hashlib.sha256()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for f in files:
@@ -102,11 +156,12 @@ def tokenizer_digest(tokenizer) -> str:
 
 
 def encode_inputs(path: str | Path, template, options: EncodeOptions, *, format: str = "auto",
-                  on_invalid: str = "error") -> dict:
-    """Everything that changes the encoded result, as JSON-able values (see the module doc)."""
+                  on_invalid: str = "error", digests: Path | None = None) -> dict:
+    """Everything that changes the encoded result, as JSON-able values (see the module doc).
+    ``digests``: a folder where the data's digest is memoised (``file_digest``)."""
     name = read_chunks(path).name  # a missing path is named here, as reading would name it
     try:
-        digest = file_digest(Path(path))
+        digest = file_digest(Path(path), digests)
     except OSError as e:
         raise DataError(f"cannot read the file: {e.strerror or e} (check that you may read it)", source=name,
                         rule="unreadable_file") from None
@@ -473,8 +528,8 @@ def cached_encode(path: str | Path, template, options: EncodeOptions, *, format:
         return Loaded(data, False, time.time() - t0)
     from turntune.assets import cache_root
 
-    inputs = encode_inputs(path, template, options, format=format, on_invalid=on_invalid)
     root = Path(cache_dir) if cache_dir else cache_root() / "data"
+    inputs = encode_inputs(path, template, options, format=format, on_invalid=on_invalid, digests=root / DIGESTS)
     folder = root / fingerprint(inputs)[:32]
     if check_folder(folder) is None:
         return Loaded(EncodedData(folder), False, time.time() - t0)

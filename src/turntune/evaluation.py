@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 
-from turntune.collate import pack, rows_batch
+from turntune.collate import pack_rows, rows_batch
 from turntune.constants import IGNORE_INDEX
 from turntune.conversation import Conversation
 from turntune.example import Example
@@ -90,7 +90,9 @@ def evaluate(model, examples: Sequence[Example], *, pad_id: int, max_length: int
     nb = MAX_TURN_BUCKET
     # sums[0]: loss, sums[1]: count; columns: overall, per turn bucket, per kind
     sums = torch.zeros(2, 1 + nb + len(KINDS), dtype=torch.float64)
-    rows = pack(list(examples), max_length)[rank::world]
+    # rows planned on the lengths alone: the cache's array, so no example is built just to plan
+    lengths = examples.lengths if hasattr(examples, "lengths") else [len(e) for e in examples]
+    rows = pack_rows(lengths, max_length, source=lambda i: examples[i].source)[rank::world]
     n_batches = -(-len(rows) // rows_per_batch)
     extra = 0
     if world > 1 and isinstance(model, FSDPModule):

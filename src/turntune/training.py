@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from turntune.collate import Batch, pad_batch, packed_batches, rows_batch, token_budget_batches
+from turntune.collate import Batch, PackedPlan, Ragged, pad_batch, packed_batches, rows_batch, token_budget_batches
 from turntune.config import Config
 from turntune.dataset import cached_encode
 from turntune.encoding import EncodeOptions, check_lost
@@ -118,19 +118,26 @@ def use_autocast(cfg: Config, device: torch.device) -> bool:
 
 
 class MicroBatches:
-    """The run's micro-batches, addressed by a global index (so resuming needs only the step)."""
+    """The run's micro-batches, addressed by a global index (so resuming needs only the step).
+
+    The plan of an epoch is computed from the length array alone (the cache's, numpy; no example
+    is built to plan) and kept as flat index arrays (``collate.Ragged`` / ``PackedPlan``); only the
+    current epoch's is held.
+    """
 
     def __init__(self, examples, cfg: Config, d: Dist, pad_id: int) -> None:
         self.examples, self.cfg, self.d, self.pad_id = examples, cfg, d, pad_id
-        # Plans work on the lengths alone (the cache's array): no example is built to plan
-        self.lengths = examples.lengths.tolist() if hasattr(examples, "lengths") else [len(e) for e in examples]
-        self._epoch, self._plan = -1, []
-        self.per_epoch = len(self._make(0)) // d.world
+        lengths = examples.lengths if hasattr(examples, "lengths") else [len(e) for e in examples]
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self._epoch, self._plan = 0, self.plan(0)  # kept: step 0 reads it
+        self.per_epoch = len(self._plan) // d.world
         if self.per_epoch == 0:
-            raise TurntuneError(f"the training data gives fewer micro-batches ({len(self._make(0))}) than ranks "
+            raise TurntuneError(f"the training data gives fewer micro-batches ({len(self._plan)}) than ranks "
                                 f"({d.world}); use less train.micro_batch_tokens or more data")
 
-    def _make(self, epoch: int) -> list:
+    def plan(self, epoch: int) -> Ragged | PackedPlan:
+        """Every rank's micro-batches of ``epoch`` (rank r takes every world-th from r): a pure
+        function of the lengths, the config and ``train.seed + epoch``."""
         c, seed = self.cfg, self.cfg.train.seed + epoch
         if c.data.packing:
             rows = max(1, c.train.micro_batch_tokens // c.data.max_length)
@@ -140,7 +147,7 @@ class MicroBatches:
     def get(self, g: int) -> Batch:
         epoch, i = divmod(g, self.per_epoch)
         if epoch != self._epoch:
-            self._epoch, self._plan = epoch, self._make(epoch)
+            self._epoch, self._plan = epoch, self.plan(epoch)
         item = self._plan[i * self.d.world + self.d.rank]
         if self.cfg.data.packing:
             return rows_batch([[self.examples[j] for j in row] for row in item], pad_id=self.pad_id)
