@@ -170,9 +170,9 @@ def test_pack_names_the_same_bad_length_as_before(lengths: list[int], index: int
     with pytest.raises(DataError) as old:
         old_pack(lengths, 10)
     assert str(old.value) == message
-    for given in (lengths, np.array(lengths)):
+    for as_given in (lengths, np.array(lengths)):
         with pytest.raises(DataError) as new:
-            pack(given, 10)
+            pack(as_given, 10)
         assert str(new.value) == message and new.value.rule == "length"
 
 

@@ -115,3 +115,45 @@ def test_the_first_plan_is_made_once(encoded, packing, monkeypatch):
     assert calls == [4]  # train.seed + epoch 0
     run.get(run.per_epoch)
     assert calls == [4, 5]
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_the_start_check_runs_on_a_short_prefix_with_a_target(encoded, packing):
+    """``probe``: the one-off loss check before training gets the first example of this rank's first
+    micro-batch cut to 256 tokens (a whole 2,048-token row cost ~20 s of CPU at every start), or
+    just past its first target where that comes later: never a batch without a target."""
+    data, _ = encoded
+    mb = MicroBatches(data, config(packing), Dist(), pad_id=0)
+    first = mb.plan(0)[0]
+    ex = data[int(first[0][0] if packing else first[0])]
+    got = mb.probe()
+    n = got.input_ids.shape[1]
+    assert n == min(len(ex), 256) and (got.labels != -100).any()
+    assert got.input_ids[0].tolist() == ex.input_ids[:n] and got.labels[0].tolist() == ex.labels[:n]
+    late = mb.probe(tokens=1)  # the first target decides the cut
+    k = next(i for i, lab in enumerate(ex.labels) if lab != -100)
+    assert late.input_ids.shape[1] == k + 1 and (late.labels != -100).sum() == 1
+
+
+def test_a_cut_tree_keeps_the_losses_of_its_prefix(glm4_tokenizer, tiny_glm_path):
+    """A tree cut after n tokens is a tree: its tokens see what they saw in the whole tree."""
+    from transformers import AutoModelForCausalLM
+
+    from reasoning import ROUNDS, template_source, tokenizer_for
+    from turntune.loss import per_token_losses
+
+    tok = tokenizer_for(glm4_tokenizer, "glm45")
+    template = resolve_template(tok, "hf", template_source("glm45"))
+    [tree] = encode_conversations([ROUNDS], template, EncodeOptions("all", "turn", 4096))
+    assert tree.tree_end is not None
+    mb = MicroBatches([tree], config(False, tokens=8192), Dist(), pad_id=0)
+    n = len(tree) - 5  # a cut inside the last branch
+    cut = mb.probe(tokens=n)
+    assert cut.tree_end is not None and cut.input_ids.shape[1] == n
+    whole = training.pad_batch([tree], pad_id=0)
+    assert (cut.labels != -100).sum() > 0 and (whole.labels != -100).sum() > (cut.labels != -100).sum()
+    model = AutoModelForCausalLM.from_pretrained(tiny_glm_path, dtype=torch.float32, attn_implementation="sdpa")
+    with torch.no_grad():
+        a = per_token_losses(model, cut, block_mask_dtype=torch.float32)
+        b = per_token_losses(model, whole, block_mask_dtype=torch.float32)
+    torch.testing.assert_close(a[0], b[0, :n], rtol=0, atol=1e-5)

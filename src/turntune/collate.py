@@ -402,7 +402,7 @@ class PackedPlan(Sequence[list[list[int]]]):
     rows_per_batch: int
 
     def __len__(self) -> int:
-        return -(-len(self.rows) // self.rows_per_batch)
+        return (len(self.rows) + self.rows_per_batch - 1) // self.rows_per_batch
 
     def __getitem__(self, b):  # type: ignore[override]
         if isinstance(b, slice):

@@ -30,9 +30,11 @@ from torch import nn
 
 from turntune.collate import Batch, PackedPlan, Ragged, pad_batch, packed_batches, rows_batch, token_budget_batches
 from turntune.config import Config
+from turntune.constants import IGNORE_INDEX
 from turntune.dataset import cached_encode
 from turntune.encoding import EncodeOptions, check_lost
 from turntune.errors import ConfigError, TurntuneError
+from turntune.example import Example
 from turntune.evaluation import EvalResult, evaluate
 from turntune.loss import backward_loss, batch_loss, window_weight
 from turntune import checkpoint as ckpt
@@ -152,6 +154,21 @@ class MicroBatches:
         if self.cfg.data.packing:
             return rows_batch([[self.examples[j] for j in row] for row in item], pad_id=self.pad_id)
         return pad_batch([self.examples[j] for j in item], pad_id=self.pad_id)
+
+    def probe(self, tokens: int = 256) -> Batch:
+        """A small real batch for the one-off loss check before training: the first example of
+        this rank's first micro-batch, cut after ``tokens`` tokens (or just past its first target).
+        A prefix of a sequence is a sequence (and of a tree, a tree): the check needs real tokens and
+        targets, not a whole 8k-token row, which cost a 2,048-token row ~20 s of CPU at start."""
+        item = self._plan[self.d.rank]
+        first = item[0][0] if self.cfg.data.packing else item[0]
+        ex = self.examples[int(first)]
+        trained = [i for i, lab in enumerate(ex.labels) if lab != IGNORE_INDEX]
+        n = min(len(ex), max(tokens, trained[0] + 1 if trained else tokens))
+        cut = Example(ex.input_ids[:n], ex.labels[:n], ex.turn[:n], ex.weight[:n], ex.source, ex.n_turns,
+                      position_ids=None if ex.position_ids is None else ex.position_ids[:n],
+                      tree_end=None if ex.tree_end is None else [min(e, n) for e in ex.tree_end[:n]])
+        return pad_batch([cut], pad_id=self.pad_id)
 
 
 def _encode_split(path, cfg: Config, template, log: Log, what: str, options: EncodeOptions, d: Dist):
@@ -337,7 +354,7 @@ def train(cfg: Config, *, resume: bool = False) -> TrainResult:
     trainable = [p for p in runner.parameters() if p.requires_grad]  # FSDP: the local shards
     # Once, before training: turntune's label-only loss must equal the model's own loss on a real
     # batch, or this architecture's head does something we do not reproduce (raises ConfigError).
-    check_loss(runner, model, data.get(0).to(d.device))
+    check_loss(runner, model, data.probe().to(d.device))
     optimizer = torch.optim.AdamW(param_groups(runner, cfg.train.weight_decay), lr=cfg.train.lr,
                                   betas=(0.9, 0.95), eps=1e-8)
     accum = cfg.train.grad_accum
