@@ -330,6 +330,8 @@ def test_encode_takes_the_tools_of_the_conversation():
     assert tok.decode(ex.input_ids).startswith(
         '<|im_start|>system\nS\n\nYou can call these tools:\n{"type": "function", "function": {"name": "f", '
         '"parameters": {}}}\n<|im_end|>\n')
-    assert encode(parse_record({"messages": msgs, "tools": tools}), tok, template="hf") == [ex]
+    assert encode(parse_record({"messages": msgs, "tools": tools}, "<messages>"), tok, template="hf") == [ex]
+    with pytest.raises(ConfigError, match="^encode: tools are given with the messages as dicts"):
+        encode(parse_record({"messages": msgs}), tok, tools=tools)
     with pytest.raises(DataError, match=r"^<messages>: tools must be a list of JSON-schema objects"):
         encode(msgs, tok, tools=[1])  # type: ignore[list-item]

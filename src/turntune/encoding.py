@@ -29,7 +29,9 @@ from __future__ import annotations
 import contextlib
 import gc
 import statistics
+import threading
 import warnings
+import weakref
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -79,6 +81,46 @@ def resolve_template(tokenizer, template: str | Template = "auto", chat_template
     from turntune.templates.hf import HFTemplate
 
     return HFTemplate(tokenizer, chat_template=chat_template)
+
+
+# -- templates built for encode() -----------------------------------------------------------------
+# encode() is called once per conversation (a ``datasets.map`` function). Building its template
+# there each time (Jinja compile, the shape analysis started cold) was half of its time, so the
+# templates it resolves are kept per tokenizer. Weak keys: a tokenizer's templates go when it
+# does; the templates hold the tokenizer through a weak proxy, else an entry would keep its own
+# key alive. The key holds the tokenizer's state that a template reads (chat template, vocabulary
+# size, special-token strings), so a tokenizer changed in place gets a new template, and the thread:
+# a template's shape caches are not thread-safe.
+_TEMPLATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_TEMPLATES_PER_TOKENIZER = 8  # (template, chat_template, state, thread) kept per tokenizer, oldest out
+
+
+def _tokenizer_state(tokenizer) -> tuple:
+    """What a resolved template read from ``tokenizer`` (see :func:`resolve_template`)."""
+    source = getattr(tokenizer, "chat_template", None)
+    if isinstance(source, dict):  # several named templates
+        source = tuple(sorted(source.items()))
+    specials = getattr(tokenizer, "special_tokens_map", {})
+    return source, len(tokenizer), tuple((k, v) for k, v in specials.items() if isinstance(v, str))
+
+
+def template_for(tokenizer, template: str | Template = "auto", chat_template: str | None = None) -> Template:
+    """:func:`resolve_template`, built once per tokenizer, choice, tokenizer state and thread
+    (see above); a :class:`Template` object is returned as it is."""
+    if not isinstance(template, str):
+        return template
+    try:
+        kept = _TEMPLATES.setdefault(tokenizer, {})
+    except TypeError:  # not weakly referenceable or not hashable: build it every time
+        return resolve_template(tokenizer, template, chat_template)
+    key = (template, chat_template, _tokenizer_state(tokenizer), threading.get_ident())
+    found = kept.get(key)
+    if found is None:
+        found = resolve_template(weakref.proxy(tokenizer), template, chat_template)
+        if len(kept) >= _TEMPLATES_PER_TOKENIZER:
+            del kept[next(iter(kept))]
+        kept[key] = found
+    return found
 
 
 # -- the report ---------------------------------------------------------------------------------
@@ -283,11 +325,17 @@ def encode(
     max_length: int | None = None,
     cut_long_replies: bool = False,
     history_fraction: float = 0.3,
+    tools: list[dict] | None = None,
     report: EncodeReport | None = None,
 ) -> list[Example]:
     """Encode one conversation into training examples with ``tokenizer`` (the model's Hugging Face
     tokenizer) and ``template`` (``auto``: native GLM-4 for GLM-4 tokenizers, else the tokenizer's
-    chat template, or ``chat_template``: the text of a Jinja template to use instead).
+    chat template, or ``chat_template``: the text of a Jinja template to use instead). ``tools``:
+    the tools the conversation declares (OpenAI's function schemas), for messages given as dicts.
+
+    Made to be called once per conversation: the template is built on the first call and kept
+    for the tokenizer (rebuilt if the tokenizer's chat template or vocabulary changes). For many
+    conversations at once (``datasets.map(batched=True)``), :func:`encode_batch`.
 
     >>> [ex] = encode([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}], tok)  # doctest: +SKIP
     >>> tok.decode([t for t, lab in zip(ex.input_ids, ex.labels) if lab != -100])  # doctest: +SKIP
@@ -296,11 +344,15 @@ def encode(
     if tokenizer is None:
         raise ConfigError("encode: tokenizer is None; pass the model's tokenizer "
                           "(turntune.load_tokenizer(folder), or transformers.AutoTokenizer.from_pretrained)")
-    if not isinstance(messages, Conversation):
+    if isinstance(messages, Conversation):
+        if tools is not None:
+            raise ConfigError("encode: tools are given with the messages as dicts; a Conversation carries its own "
+                              "(Conversation(messages, tools=...), or pass the messages as dicts)")
+    else:
         from turntune.data import parse_record
 
-        messages = parse_record({"messages": messages}, source="<messages>")
-    tmpl = resolve_template(tokenizer, template, chat_template)
+        messages = parse_record({"messages": messages, "tools": tools}, source="<messages>")
+    tmpl = template_for(tokenizer, template, chat_template)
     opts = EncodeOptions(strategy, weighting, max_length, cut_long_replies, history_fraction)
     return encode_conversations([messages], tmpl, opts, report=report)
 
