@@ -28,6 +28,7 @@ _EXPORTS: dict[str, str] = {
     "HFTemplate": "turntune.templates.hf:HFTemplate",
     "resolve_template": "turntune.encoding:resolve_template",
     "encode": "turntune.encoding:encode",
+    "encode_batch": "turntune.encoding:encode_batch",
     "encode_conversations": "turntune.encoding:encode_conversations",
     "EncodeOptions": "turntune.encoding:EncodeOptions",
     "EncodeReport": "turntune.encoding:EncodeReport",

@@ -33,13 +33,14 @@ import threading
 import warnings
 import weakref
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 from turntune.constants import IGNORE_INDEX
 from turntune.conversation import Conversation
-from turntune.data import OnInvalid
+from turntune.arrow_files import without_nulls
+from turntune.data import FORMATS, DataReport, Format, OnInvalid, validate_chunk
 from turntune.errors import ConfigError, DataError, TemplateError, TurntuneError
 from turntune.example import Example
 from turntune.templates.base import Rendered, Template
@@ -50,6 +51,10 @@ Weighting = Literal["token", "turn", "sample"]
 TemplateName = Literal["auto", "glm4", "hf"]
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 WEIGHTINGS: tuple[str, ...] = get_args(Weighting)
+# encode_batch's output: Example fields, and ``row`` (the input row each example comes from).
+# The first seven by default; ``message`` (per token) is for inspecting and auditing.
+BATCH_COLUMNS: tuple[str, ...] = ("input_ids", "labels", "weight", "turn", "position_ids", "tree_end", "row",
+                                  "source", "n_turns", "message")
 
 
 def check_choice(setting: str, value: str, valid: Sequence[str]) -> None:
@@ -355,6 +360,84 @@ def encode(
     tmpl = template_for(tokenizer, template, chat_template)
     opts = EncodeOptions(strategy, weighting, max_length, cut_long_replies, history_fraction)
     return encode_conversations([messages], tmpl, opts, report=report)
+
+
+def encode_batch(
+    batch: Mapping[str, Sequence],
+    tokenizer,
+    *,
+    template: str | Template = "auto",
+    chat_template: str | None = None,
+    strategy: Strategy = "all",
+    weighting: Weighting = "token",
+    max_length: int | None = None,
+    cut_long_replies: bool = False,
+    history_fraction: float = 0.3,
+    format: Format = "auto",
+    on_invalid: OnInvalid = "error",
+    indices: Sequence[int] | None = None,
+    columns: Sequence[str] = BATCH_COLUMNS[:7],
+    report: EncodeReport | None = None,
+    data_report: DataReport | None = None,
+) -> dict[str, list]:
+    """Encode a batch of records given as columns, what ``datasets.map(batched=True)`` passes and
+    wants back: ``{"messages": [conversation, ...], "tools": [...]}`` (any record shape of
+    :mod:`turntune.data`; other columns are counted as ignored keys) -> one list per column in
+    ``columns`` (``BATCH_COLUMNS``: Example fields, and ``row``, the input row of each example).
+
+    One conversation can give several examples (``expand``, windows) or none (a skipped row), so
+    the output has its own number of rows; with ``datasets``, drop the input columns
+    (``remove_columns=ds.column_names``). A row whose ``tree_end`` is not None is a token tree: it
+    needs tree attention (``pack_batch``), not a plain causal mask (``tree=False`` in a config).
+
+    Rows are validated as turntune reads Parquet (a null-valued key is a missing key: Arrow gives
+    every message every key) and named ``row {i}``, i from ``indices`` (``with_indices=True``) or
+    the position in the batch. A row that breaks a rule or that the template cannot encode raises a
+    DataError naming it (``on_invalid="error"``), or is skipped and counted: validation rules in
+    ``data_report``, encoding rules in ``report``. Options as :func:`encode`; the template is built
+    once per tokenizer.
+
+    >>> ds.map(lambda b, i: encode_batch(b, tok, indices=i), batched=True, with_indices=True,
+    ...        remove_columns=ds.column_names)  # doctest: +SKIP
+    """
+    name = "encode_batch"
+    if tokenizer is None:
+        raise ConfigError(f"{name}: tokenizer is None; pass the model's tokenizer "
+                          "(turntune.load_tokenizer(folder), or transformers.AutoTokenizer.from_pretrained)")
+    if not isinstance(batch, Mapping):
+        raise ConfigError(f"{name}: the batch is a {type(batch).__name__}, not a mapping of columns "
+                          '({"messages": [conversation, ...]}); for one conversation, use encode()')
+    sizes = {k: len(v) for k, v in batch.items()}
+    if len(set(sizes.values())) > 1:
+        raise ConfigError(f"{name}: the batch's columns differ in length ("
+                          + ", ".join(f"{k} {n}" for k, n in sizes.items())
+                          + "); pass what datasets.map(batched=True) passes: a dict of equally long columns")
+    if "messages" not in batch and "conversations" not in batch:
+        raise ConfigError(f"{name}: the batch has no 'messages' or 'conversations' column (it has: "
+                          f"{', '.join(batch) or 'none'}); give the conversations in one of them")
+    n = next(iter(sizes.values()))
+    if indices is not None and len(indices) != n:
+        raise ConfigError(f"{name}: {len(indices)} indices for {n} rows")
+    for column in columns:
+        check_choice("columns", column, BATCH_COLUMNS)
+    check_choice("format", format, FORMATS)
+    check_choice("on_invalid", on_invalid, get_args(OnInvalid))
+    opts = EncodeOptions(strategy, weighting, max_length, cut_long_replies, history_fraction)
+    tmpl = template_for(tokenizer, template, chat_template)
+    rows = list(indices) if indices is not None else list(range(n))
+    sources = [f"row {i}" for i in rows]
+    names = list(batch)
+    records = [(src, without_nulls(dict(zip(names, values)))) for src, values in zip(sources, zip(*batch.values()))]
+    convs = validate_chunk(records, format, on_invalid, data_report if data_report is not None else DataReport())
+    examples = encode_conversations(convs, tmpl, opts, report=report, on_invalid=on_invalid)
+    out: dict[str, list] = {}
+    for column in columns:
+        if column == "row":
+            row_of = dict(zip(sources, rows))
+            out[column] = [row_of[e.source] for e in examples]
+        else:
+            out[column] = [getattr(e, column) for e in examples]
+    return out
 
 
 def encode_conversations(
