@@ -115,7 +115,9 @@ def template_for(tokenizer, template: str | Template = "auto", chat_template: st
     if not isinstance(template, str):
         return template
     try:
-        kept = _TEMPLATES.setdefault(tokenizer, {})
+        kept = _TEMPLATES.get(tokenizer)
+        if kept is None:
+            kept = _TEMPLATES[tokenizer] = {}
     except TypeError:  # not weakly referenceable or not hashable: build it every time
         return resolve_template(tokenizer, template, chat_template)
     key = (template, chat_template, _tokenizer_state(tokenizer), threading.get_ident())
@@ -167,7 +169,11 @@ class EncodeReport:
 
     def merge(self, other: "EncodeReport") -> None:
         for name, value in vars(other).items():
-            if isinstance(value, dict) and not isinstance(value, Counter):
+            if not value:  # most counts of one conversation are 0 (merged once per conversation)
+                continue
+            if type(value) is int:
+                setattr(self, name, getattr(self, name) + value)
+            elif isinstance(value, dict) and not isinstance(value, Counter):
                 for key, texts in value.items():
                     getattr(self, name).setdefault(key, []).extend(texts)
             elif isinstance(value, list):
