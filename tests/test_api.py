@@ -15,7 +15,7 @@ import turntune
 from turntune.errors import ConfigError, DataError
 
 ROOT = Path(__file__).resolve().parents[1]
-PUBLIC = ["load_conversations", "Conversation", "Message", "encode", "encode_batch", "encode_conversations",
+PUBLIC = ["load_conversations", "DataReport", "Conversation", "Message", "encode", "encode_batch", "encode_conversations",
           "EncodeOptions",
           "EncodeReport", "Example", "Template", "GLM4Template", "HFTemplate", "resolve_template", "pack_batch",
           "pad_batch", "Batch", "batch_loss", "per_token_losses", "LossSum", "evaluate", "EvalResult", "train",

@@ -19,6 +19,7 @@ _EXPORTS: dict[str, str] = {
     # conversation -> validated Conversation
     "load_conversations": "turntune.data:load_conversations",
     "parse_record": "turntune.data:parse_record",
+    "DataReport": "turntune.data:DataReport",
     "Conversation": "turntune.conversation:Conversation",
     "Message": "turntune.conversation:Message",
     "ToolCall": "turntune.conversation:ToolCall",
