@@ -1,6 +1,6 @@
 """Encoding benchmark: conversations/second of turntune's encoder against the tokenizer's floor.
 
-    .venv/bin/python bench/bench_encode.py --tokenizer smollm2   # 2,000 conversations, ~3.5 min
+    .venv/bin/python bench/bench_encode.py --tokenizer smollm2   # 2,000 conversations, ~4 min on 2 busy cores
     .venv/bin/python bench/bench_encode.py --tokenizer glm4 --profile
     .venv/bin/python bench/bench_encode.py                       # both, one after the other
 
