@@ -470,8 +470,12 @@ def encode_conversations(
     report = report if report is not None else EncodeReport()
     convs = list(conversations)
     out: list[Example] = []
+    # One conversation (encode() called per conversation): the collector runs as usual. A young
+    # collection forced per call would count towards the older generations' collections ten times
+    # as often as Python's own, and those traverse the whole heap.
+    paused = _young_collections_only if len(convs) > 1 else contextlib.nullcontext
     for lo in range(0, len(convs), chunk):
-        with _young_collections_only():
+        with paused():
             part = convs[lo:lo + chunk]
             # The renderings die with the loop, before the collection at the end of the chunk.
             for conv, r in zip(part, render_each(template, part)):
