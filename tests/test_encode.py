@@ -2,15 +2,20 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import random
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
 from toy import SP, cid, toy_tokenizer
 from turntune.constants import IGNORE_INDEX
 from turntune.conversation import Conversation, Message, ToolCall
-from turntune.encoding import EncodeOptions, EncodeReport, encode, encode_conversations
-from turntune.errors import ConfigError
+from turntune.data import parse_record
+from turntune.encoding import EncodeOptions, EncodeReport, encode, encode_conversations, resolve_template
+from turntune.errors import ConfigError, DataError
 from turntune.templates.glm4 import GLM4Template
 
 G, SOP, SYS, USR, AST, OBS = SP["[gMASK]"], SP["<sop>"], SP["<|system|>"], SP["<|user|>"], SP["<|assistant|>"], SP["<|observation|>"]
@@ -221,3 +226,112 @@ def test_not_prefix_stable_samples_that_are_prefixes_make_a_tree_without_branche
     assert (tree.input_ids, tree.labels, tree.turn) == (one.input_ids, one.labels, one.turn)
     assert tree.position_ids == list(range(len(one))) and tree.tree_end == [len(one)] * len(one)
     assert rep.not_prefix_stable == rep.trees == 1 and rep.tree_tokens == len(one) < rep.tree_expanded_tokens
+
+
+# -- encode() once per conversation: the template is built once per tokenizer ------------------
+CHATML = (Path(__file__).resolve().parents[1] / "examples/templates/chatml-tools.jinja").read_text()
+MSGS = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]
+
+
+def counting_resolve(monkeypatch) -> list:
+    """Record every template encode() builds (by patching the name it calls)."""
+    import turntune.encoding as encoding
+
+    built: list = []
+    real = encoding.resolve_template
+
+    def resolve(*args, **kwargs):
+        built.append(real(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(encoding, "resolve_template", resolve)
+    return built
+
+
+def test_encode_builds_its_template_once_per_tokenizer(monkeypatch):
+    built = counting_resolve(monkeypatch)
+    tok, other = toy_tokenizer(CHATML), toy_tokenizer(CHATML)
+    first = [encode(MSGS, tok, template="hf") for _ in range(3)]
+    assert len(built) == 1 and built[0].name == "hf"
+    assert first[0] == first[1] == first[2]
+    encode(MSGS, tok)  # another (template, chat_template): its own (auto: GLM-4's tokens, the native format)
+    encode(MSGS, tok, template="hf", chat_template=CHATML.replace("<|im_end|>", "<|endoftext|>"))
+    encode(MSGS, other, template="hf")  # another tokenizer: its own
+    assert [t.name for t in built] == ["hf", "glm4", "hf", "hf"]
+    encode(MSGS, tok)
+    encode(MSGS, tok, template="hf")
+    assert len(built) == 4
+    tmpl = GLM4Template(tok)  # a Template object is used as it is, never cached
+    assert encode(MSGS, tok, template=tmpl) == encode(MSGS, tok) and len(built) == 4
+
+
+def test_a_tokenizer_that_changes_is_not_served_a_stale_template(monkeypatch):
+    built = counting_resolve(monkeypatch)
+    tok = toy_tokenizer(CHATML)
+    [chatml] = encode(MSGS, tok, template="hf")
+    assert tok.decode(chatml.input_ids) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nYo<|im_end|>"
+    tok.chat_template = CHATML.replace("<|im_end|>", "<|endoftext|>")  # the end of turn is now a special token
+    [eot] = encode(MSGS, tok, template="hf")
+    assert trained(eot) == cid("Yo") + [SP["<|endoftext|>"]]
+    tok.add_tokens(["Yo"])  # an added token: one id, and a marker the template's analysis must know
+    [added] = encode(MSGS, tok, template="hf")
+    ref = encode_conversations([parse_record({"messages": MSGS}, source="<messages>")], resolve_template(tok, "hf"),
+                               EncodeOptions())
+    assert [added] == ref and trained(added) == [len(tok) - 1, SP["<|endoftext|>"]]
+    assert len(built) == 3
+
+
+def test_the_template_cache_keeps_no_tokenizer_alive():
+    tok = toy_tokenizer(CHATML)
+    encode(MSGS, tok, template="hf")
+    encode(MSGS, tok)
+    ref = weakref.ref(tok)
+    del tok
+    gc.collect()
+    assert ref() is None
+
+
+def test_each_thread_gets_its_own_template(monkeypatch):
+    # HFTemplate's shape caches are not thread-safe: threads sharing a tokenizer must not share one
+    built = counting_resolve(monkeypatch)
+    tok = toy_tokenizer(CHATML)
+    encode(MSGS, tok, template="hf")
+    with ThreadPoolExecutor(1) as pool:
+        assert pool.submit(encode, MSGS, tok, template="hf").result() == encode(MSGS, tok, template="hf")
+    assert len(built) == 2 and built[0] is not built[1]
+
+
+def test_encode_per_call_gives_what_encode_conversations_gives():
+    tok = toy_tokenizer(CHATML)
+    rng = random.Random(3)
+    records = []
+    for i in range(40):
+        msgs = [{"role": "system", "content": "Be brief."}] if i % 3 else []
+        for j in range(rng.randint(1, 4)):
+            msgs += [{"role": "user", "content": f"q{i}.{j} " * rng.randint(1, 5)},
+                     {"role": "assistant", "content": f"a{i}.{j}" + "!" * rng.randint(0, 3)}]
+        records.append(msgs)
+    convs = [parse_record({"messages": m}, source="<messages>") for m in records]
+    for strategy in ("all", "expand", "last"):
+        rep, ref_rep = EncodeReport(), EncodeReport()
+        per_call = [ex for m in records
+                    for ex in encode(m, tok, template="hf", strategy=strategy, max_length=80, report=rep)]
+        ref = encode_conversations(convs, resolve_template(tok, "hf"), EncodeOptions(strategy, max_length=80),
+                                   report=ref_rep)
+        assert per_call == ref and rep == ref_rep and rep.conversations == len(records)
+        assert (rep.windows > 0, rep.history_rounds_dropped > 0) == (strategy == "all", strategy != "all")
+
+
+def test_encode_takes_the_tools_of_the_conversation():
+    tok = toy_tokenizer(CHATML)
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    msgs = [{"role": "system", "content": "S"}] + MSGS
+    [ex] = encode(msgs, tok, template="hf", tools=tools)
+    assert tok.decode(ex.input_ids).startswith(
+        '<|im_start|>system\nS\n\nYou can call these tools:\n{"type": "function", "function": {"name": "f", '
+        '"parameters": {}}}\n<|im_end|>\n')
+    assert encode(parse_record({"messages": msgs, "tools": tools}, "<messages>"), tok, template="hf") == [ex]
+    with pytest.raises(ConfigError, match="^encode: tools are given with the messages as dicts"):
+        encode(parse_record({"messages": msgs}), tok, tools=tools)
+    with pytest.raises(DataError, match=r"^<messages>: tools must be a list of JSON-schema objects"):
+        encode(msgs, tok, tools=[1])  # type: ignore[list-item]

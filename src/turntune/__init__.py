@@ -19,6 +19,7 @@ _EXPORTS: dict[str, str] = {
     # conversation -> validated Conversation
     "load_conversations": "turntune.data:load_conversations",
     "parse_record": "turntune.data:parse_record",
+    "DataReport": "turntune.data:DataReport",
     "Conversation": "turntune.conversation:Conversation",
     "Message": "turntune.conversation:Message",
     "ToolCall": "turntune.conversation:ToolCall",
@@ -28,6 +29,7 @@ _EXPORTS: dict[str, str] = {
     "HFTemplate": "turntune.templates.hf:HFTemplate",
     "resolve_template": "turntune.encoding:resolve_template",
     "encode": "turntune.encoding:encode",
+    "encode_batch": "turntune.encoding:encode_batch",
     "encode_conversations": "turntune.encoding:encode_conversations",
     "EncodeOptions": "turntune.encoding:EncodeOptions",
     "EncodeReport": "turntune.encoding:EncodeReport",

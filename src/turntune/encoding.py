@@ -30,15 +30,18 @@ import contextlib
 import gc
 import json
 import statistics
+import threading
 import warnings
+import weakref
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 from turntune.constants import IGNORE_INDEX
 from turntune.conversation import Conversation
-from turntune.data import OnInvalid
+from turntune.arrow_files import without_nulls
+from turntune.data import FORMATS, DataReport, Format, OnInvalid, validate_chunk
 from turntune.errors import ConfigError, DataError, TemplateError, TurntuneError
 from turntune.example import Example
 from turntune.templates.base import Rendered, Template
@@ -49,6 +52,10 @@ Weighting = Literal["token", "turn", "sample"]
 TemplateName = Literal["auto", "glm4", "hf"]
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 WEIGHTINGS: tuple[str, ...] = get_args(Weighting)
+# encode_batch's output: Example fields, and ``row`` (the input row each example comes from).
+# The first seven by default; ``message`` (per token) is for inspecting and auditing.
+BATCH_COLUMNS: tuple[str, ...] = ("input_ids", "labels", "weight", "turn", "position_ids", "tree_end", "row",
+                                  "source", "n_turns", "message")
 
 
 def check_choice(setting: str, value: str, valid: Sequence[str]) -> None:
@@ -113,6 +120,50 @@ def resolve_template(tokenizer, template: str | Template = "auto", chat_template
     return HFTemplate(tokenizer, chat_template=chat_template, template_kwargs=kwargs)
 
 
+# -- templates built for encode() -----------------------------------------------------------------
+# encode() is called once per conversation (a ``datasets.map`` function). Building its template
+# there each time (Jinja compile, the shape analysis started cold) was half of its time, so the
+# templates it resolves are kept per tokenizer. Weak keys: a tokenizer's templates go when it
+# does; the templates hold the tokenizer through a weak proxy, else an entry would keep its own
+# key alive. The key holds the tokenizer's state that a template reads (chat template, vocabulary
+# size, special-token strings), so a tokenizer changed in place gets a new template, and the thread:
+# a template's shape caches are not thread-safe.
+_TEMPLATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_TEMPLATES_PER_TOKENIZER = 8  # (template, chat_template, state, thread) kept per tokenizer, oldest out
+
+
+def _tokenizer_state(tokenizer) -> tuple:
+    """What a resolved template read from ``tokenizer`` (see :func:`resolve_template`)."""
+    source = getattr(tokenizer, "chat_template", None)
+    if isinstance(source, dict):  # several named templates
+        source = tuple(sorted(source.items()))
+    specials = getattr(tokenizer, "special_tokens_map", {})
+    return source, len(tokenizer), tuple((k, v) for k, v in specials.items() if isinstance(v, str))
+
+
+def template_for(tokenizer, template: str | Template = "auto", chat_template: str | None = None,
+                 template_kwargs: dict | None = None) -> Template:
+    """:func:`resolve_template`, built once per tokenizer, choice, template kwargs, tokenizer state
+    and thread (see above); a :class:`Template` object is returned as it is."""
+    if not isinstance(template, str):
+        return template
+    try:
+        kept = _TEMPLATES.get(tokenizer)
+        if kept is None:
+            kept = _TEMPLATES[tokenizer] = {}
+    except TypeError:  # not weakly referenceable or not hashable: build it every time
+        return resolve_template(tokenizer, template, chat_template, template_kwargs)
+    kwargs = json.dumps(template_kwargs or {}, sort_keys=True, default=repr)  # values may be unhashable
+    key = (template, chat_template, kwargs, _tokenizer_state(tokenizer), threading.get_ident())
+    found = kept.get(key)
+    if found is None:
+        found = resolve_template(weakref.proxy(tokenizer), template, chat_template, template_kwargs)
+        if len(kept) >= _TEMPLATES_PER_TOKENIZER:
+            del kept[next(iter(kept))]
+        kept[key] = found
+    return found
+
+
 # -- the report ---------------------------------------------------------------------------------
 @dataclass
 class EncodeReport:
@@ -152,7 +203,11 @@ class EncodeReport:
 
     def merge(self, other: "EncodeReport") -> None:
         for name, value in vars(other).items():
-            if isinstance(value, dict) and not isinstance(value, Counter):
+            if not value:  # most counts of one conversation are 0 (merged once per conversation)
+                continue
+            if type(value) is int:
+                setattr(self, name, getattr(self, name) + value)
+            elif isinstance(value, dict) and not isinstance(value, Counter):
                 for key, texts in value.items():
                     getattr(self, name).setdefault(key, []).extend(texts)
             elif isinstance(value, list):
@@ -315,14 +370,20 @@ def encode(
     max_length: int | None = None,
     cut_long_replies: bool = False,
     history_fraction: float = 0.3,
+    tools: list[dict] | None = None,
     report: EncodeReport | None = None,
     template_kwargs: dict | None = None,
 ) -> list[Example]:
     """Encode one conversation into training examples with ``tokenizer`` (the model's Hugging Face
     tokenizer) and ``template`` (``auto``: native GLM-4 for GLM-4 tokenizers, else the tokenizer's
-    chat template, or ``chat_template``: the text of a Jinja template to use instead).
+    chat template, or ``chat_template``: the text of a Jinja template to use instead). ``tools``:
+    the tools the conversation declares (OpenAI's function schemas), for messages given as dicts.
     ``template_kwargs`` go to the Jinja template on every render, as ``apply_chat_template``'s
     keyword arguments do (``{"clear_thinking": False}`` keeps GLM-4.7's reasoning in the history).
+
+    Made to be called once per conversation: the template is built on the first call and kept
+    for the tokenizer (rebuilt if the tokenizer's chat template or vocabulary changes). For many
+    conversations at once (``datasets.map(batched=True)``), :func:`encode_batch`.
 
     >>> [ex] = encode([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}], tok)  # doctest: +SKIP
     >>> tok.decode([t for t, lab in zip(ex.input_ids, ex.labels) if lab != -100])  # doctest: +SKIP
@@ -331,13 +392,96 @@ def encode(
     if tokenizer is None:
         raise ConfigError("encode: tokenizer is None; pass the model's tokenizer "
                           "(turntune.load_tokenizer(folder), or transformers.AutoTokenizer.from_pretrained)")
-    if not isinstance(messages, Conversation):
+    if isinstance(messages, Conversation):
+        if tools is not None:
+            raise ConfigError("encode: tools are given with the messages as dicts; a Conversation carries its own "
+                              "(Conversation(messages, tools=...), or pass the messages as dicts)")
+    else:
         from turntune.data import parse_record
 
-        messages = parse_record({"messages": messages}, source="<messages>")
-    tmpl = resolve_template(tokenizer, template, chat_template, template_kwargs)
+        messages = parse_record({"messages": messages, "tools": tools}, source="<messages>")
+    tmpl = template_for(tokenizer, template, chat_template, template_kwargs)
     opts = EncodeOptions(strategy, weighting, max_length, cut_long_replies, history_fraction)
     return encode_conversations([messages], tmpl, opts, report=report)
+
+
+def encode_batch(
+    batch: Mapping[str, Sequence],
+    tokenizer,
+    *,
+    template: str | Template = "auto",
+    chat_template: str | None = None,
+    strategy: Strategy = "all",
+    weighting: Weighting = "token",
+    max_length: int | None = None,
+    cut_long_replies: bool = False,
+    history_fraction: float = 0.3,
+    format: Format = "auto",
+    on_invalid: OnInvalid = "error",
+    indices: Sequence[int] | None = None,
+    columns: Sequence[str] = BATCH_COLUMNS[:7],
+    report: EncodeReport | None = None,
+    data_report: DataReport | None = None,
+    template_kwargs: dict | None = None,
+) -> dict[str, list]:
+    """Encode a batch of records given as columns, what ``datasets.map(batched=True)`` passes and
+    wants back: ``{"messages": [conversation, ...], "tools": [...]}`` (any record shape of
+    :mod:`turntune.data`; other columns are counted as ignored keys) -> one list per column in
+    ``columns`` (``BATCH_COLUMNS``: Example fields, and ``row``, the input row of each example).
+
+    One conversation can give several examples (``expand``, windows) or none (a skipped row), so
+    the output has its own number of rows; with ``datasets``, drop the input columns
+    (``remove_columns=ds.column_names``). A row whose ``tree_end`` is not None is a token tree: it
+    needs tree attention (``pack_batch``), not a plain causal mask (``tree=False`` in a config).
+
+    Rows are validated as turntune reads Parquet (a null-valued key is a missing key: Arrow gives
+    every message every key) and named ``row {i}``, i from ``indices`` (``with_indices=True``) or
+    the position in the batch. A row that breaks a rule or that the template cannot encode raises a
+    DataError naming it (``on_invalid="error"``), or is skipped and counted: validation rules in
+    ``data_report``, encoding rules in ``report``. Options as :func:`encode`; the template is built
+    once per tokenizer.
+
+    >>> ds.map(lambda b, i: encode_batch(b, tok, indices=i), batched=True, with_indices=True,
+    ...        remove_columns=ds.column_names)  # doctest: +SKIP
+    """
+    name = "encode_batch"
+    if tokenizer is None:
+        raise ConfigError(f"{name}: tokenizer is None; pass the model's tokenizer "
+                          "(turntune.load_tokenizer(folder), or transformers.AutoTokenizer.from_pretrained)")
+    if not isinstance(batch, Mapping):
+        raise ConfigError(f"{name}: the batch is a {type(batch).__name__}, not a mapping of columns "
+                          '({"messages": [conversation, ...]}); for one conversation, use encode()')
+    sizes = {k: len(v) for k, v in batch.items()}
+    if len(set(sizes.values())) > 1:
+        raise ConfigError(f"{name}: the batch's columns differ in length ("
+                          + ", ".join(f"{k} {n}" for k, n in sizes.items())
+                          + "); pass what datasets.map(batched=True) passes: a dict of equally long columns")
+    if "messages" not in batch and "conversations" not in batch:
+        raise ConfigError(f"{name}: the batch has no 'messages' or 'conversations' column (it has: "
+                          f"{', '.join(batch) or 'none'}); give the conversations in one of them")
+    n = next(iter(sizes.values()))
+    if indices is not None and len(indices) != n:
+        raise ConfigError(f"{name}: {len(indices)} indices for {n} rows")
+    for column in columns:
+        check_choice("columns", column, BATCH_COLUMNS)
+    check_choice("format", format, FORMATS)
+    check_choice("on_invalid", on_invalid, get_args(OnInvalid))
+    opts = EncodeOptions(strategy, weighting, max_length, cut_long_replies, history_fraction)
+    tmpl = template_for(tokenizer, template, chat_template, template_kwargs)
+    rows = list(indices) if indices is not None else list(range(n))
+    sources = [f"row {i}" for i in rows]
+    names = list(batch)
+    records = [(src, without_nulls(dict(zip(names, values)))) for src, values in zip(sources, zip(*batch.values()))]
+    convs = validate_chunk(records, format, on_invalid, data_report if data_report is not None else DataReport())
+    examples = encode_conversations(convs, tmpl, opts, report=report, on_invalid=on_invalid)
+    out: dict[str, list] = {}
+    for column in columns:
+        if column == "row":
+            row_of = dict(zip(sources, rows))
+            out[column] = [row_of[e.source] for e in examples]
+        else:
+            out[column] = [getattr(e, column) for e in examples]
+    return out
 
 
 def encode_conversations(
@@ -364,8 +508,12 @@ def encode_conversations(
     report = report if report is not None else EncodeReport()
     convs = list(conversations)
     out: list[Example] = []
+    # One conversation (encode() called per conversation): the collector runs as usual. A young
+    # collection forced per call would count towards the older generations' collections ten times
+    # as often as Python's own, and those traverse the whole heap.
+    paused = _young_collections_only if len(convs) > 1 else contextlib.nullcontext
     for lo in range(0, len(convs), chunk):
-        with _young_collections_only():
+        with paused():
             part = convs[lo:lo + chunk]
             # The renderings die with the loop, before the collection at the end of the chunk.
             for conv, r in zip(part, render_each(template, part)):
