@@ -159,6 +159,7 @@ def test_per_branch_attention_equals_the_dense_mask_and_real_expansion(toks, var
     trees, exp = encoded(toks, family), encoded(toks, family, tree=False)
     rows = [[FILLER, *trees, trees[0]], [trees[-1], FILLER, trees[0]]]  # 2-3 trees and a plain example per row
     batch = rows_batch(rows, pad_id=0, pad_to_multiple_of=64)
+    monkeypatch.setattr(attention, "_BLOCK", 16)  # branches here are 20-70 tokens: several query blocks each
     calls = []
     real = attention._tree_attention
     monkeypatch.setattr(attention, "_tree_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -171,6 +172,10 @@ def test_per_branch_attention_equals_the_dense_mask_and_real_expansion(toks, var
     assert float((ours - dense)[real_pos].abs().max()) < 1e-9
     # per-token losses: each tree token as in its expanded sample alone
     got = losses_of(ours, batch)
+    want = {}
+    for s in exp:
+        (k,) = {t for t in s.turn if t >= 0}
+        want[(s.source, k)] = alone(model, s)
     for r, row in enumerate(rows):
         at = 0
         for e in row:
@@ -179,10 +184,9 @@ def test_per_branch_attention_equals_the_dense_mask_and_real_expansion(toks, var
                 for i, lab in enumerate(e.labels):
                     if lab != IGNORE_INDEX:
                         mine[e.turn[i]].append(float(got[r, at + i]))
-                for s in (s for s in exp if s.source == e.source):
-                    (k,) = {t for t in s.turn if t >= 0}
-                    want = alone(model, s)
-                    assert len(mine[k]) == len(want) and max(abs(x - y) for x, y in zip(mine[k], want)) < 1e-9
+                for k, losses in mine.items():
+                    w = want[(e.source, k)]
+                    assert len(losses) == len(w) and max(abs(x - y) for x, y in zip(losses, w)) < 1e-9
             at += len(e)
     # one step's loss and gradients: per-branch (what batch_loss picks for this model) vs the dense
     # mask vs the samples padded, each with expand's mean of per-sample means
