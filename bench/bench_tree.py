@@ -1,7 +1,7 @@
 """Token trees vs real expansion on reasoning conversations (DESIGN.md §8), in one run.
 
-    .venv/bin/python bench/bench_tree.py            # ~5 min on 2 loaded CPU cores (--n 4)
-    .venv/bin/python bench/bench_tree.py --n 24 --steps 3   # the figures, on an idle machine
+    .venv/bin/python bench/bench_tree.py            # --n 2: ~5 min on 2 loaded CPU cores
+    .venv/bin/python bench/bench_tree.py --n 12 --steps 2   # the figures, on an idle machine
 
 Data: generated conversations of 1-8 rounds; every reply carries reasoning of 200-2,000 tokens
 (about 150-1,500 words) and a short answer; about a third of them hold a tool loop (1-3 calls with
@@ -173,21 +173,22 @@ def step_time(model, groups, steps: int) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--n", type=int, default=4, help="conversations per template")
+    ap.add_argument("--n", type=int, default=2, help="conversations per template")
     ap.add_argument("--steps", type=int, default=1, help="timed passes (the best is kept)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-length", type=int, default=0,
                     help="tree (and sample) size cap, 0 for none: per-branch attention needs no cap")
     ap.add_argument("--full-vocab", action="store_true", help="time with GLM-4's 151,552-id LM head")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared machine)")
     a = ap.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(a.threads)
     max_length = a.max_length or None
     attention.register()
     base = AutoTokenizer.from_pretrained(assets.glm4_tokenizer_dir())
     tiny_dir = assets.tiny_model_dir("glm", assets.glm4_tokenizer_dir(), Path(os.environ["TURNTUNE_CACHE"]) / "bench-tree-tiny")
     exact = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float64, attn_implementation=attention.NAME).eval()
     convs = reasoning_conversations(a.n, a.seed)
-    print(f"{len(convs)} conversations, {sum(len(c.assistant_indices) for c in convs)} replies; torch threads 1; "
+    print(f"{len(convs)} conversations, {sum(len(c.assistant_indices) for c in convs)} replies; torch threads {a.threads}; "
           f"cap {max_length or 'none'}")
     rows = []
     for family in ("glm45", "qwen3"):

@@ -19,7 +19,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from reasoning import TOOL_LOOP, conversations, template_source, tokenizer_for
+from reasoning import conversations, template_source, tokenizer_for
 from turntune import attention, collate
 from turntune.collate import model_inputs, pad_batch, rows_batch, tree_allowed, tree_segments
 from turntune.constants import IGNORE_INDEX

@@ -60,7 +60,9 @@ class TreeSegments:
 
     @property
     def pairs(self) -> int:
-        """(query, key) pairs the per-branch path computes: each segment's queries x its keys."""
+        """Each segment's queries x its keys (context and own): at most twice the (query, key)
+        pairs that attend (a segment's causal triangle counts as its square), and a bound on what
+        the per-branch path computes."""
         return sum((e - s) * (e - s + sum(b - a for a, b in ctx)) for (s, e), ctx in zip(self.bounds, self.context))
 
 
