@@ -27,10 +27,12 @@ every layout train exactly the same tokens with the same weights.
 Token trees (``tree.py``, DESIGN.md §8): an example with ``tree_end`` brings its own
 ``position_ids`` (depths, not 0..n) and attention (token q sees k iff ``k <= q < tree_end[k]``).
 A batch holding one gets ``Batch.tree_end`` for every position (plain examples and pad runs:
-causal within themselves), and ``model_inputs`` hands the model that mask explicitly: a 4-D float
-additive mask for sdpa/eager (``tree_mask``), a flex-attention block mask on GPU
-(``tree_block_mask``). Position ids alone cannot say it, and ``varlen`` boundaries would make a
-branch attend to the end of the trunk, so tree batches never take those paths.
+causal within themselves), and ``model_inputs`` hands the model that attention explicitly: per
+branch for ``sdpa_varlen`` (``tree_segments``: each segment's queries against its ancestors, the
+cost of the tree's real ancestor pairs), a 4-D float additive mask for sdpa/eager (``tree_mask``,
+the reference; O(T^2)), a flex-attention block mask on GPU (``tree_block_mask``). Position ids
+alone cannot say it, and example boundaries (``varlen_kwargs``) would make a branch attend to the
+end of the trunk, so tree batches never take those paths.
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from turntune.attention import TreeSegments, no_mask
 from turntune.constants import IGNORE_INDEX, NO_TURN
 from turntune.errors import ConfigError, DataError
 from turntune.example import Example
@@ -290,6 +293,40 @@ def tree_block_mask(batch: Batch):
     return create_block_mask(mask_mod, rows, None, width, width, device=end.device)
 
 
+def _ranges(keep: torch.Tensor) -> tuple[tuple[int, int], ...]:
+    """The ``[start, end)`` runs of True in a 1-D bool tensor."""
+    edges = torch.diff(torch.cat([keep.new_zeros(1), keep, keep.new_zeros(1)]).to(torch.int8))
+    return tuple(zip((edges == 1).nonzero().flatten().tolist(), (edges == -1).nonzero().flatten().tolist()))
+
+
+def tree_segments(batch: Batch) -> TreeSegments:
+    """A tree batch's attention per segment over its flattened ``rows * T`` positions
+    (``attention.TreeSegments``; what ``sdpa_varlen`` reads).
+
+    A segment starts where the position before is not an ancestor (``tree_end[i - 1] <= i``: a
+    branch's parent copy, the next example, a pad run) and at every row start. Subtrees are
+    contiguous, so a segment's context, its start's ancestors before it (``k < s < tree_end[k]``),
+    is a few ranges: the part of each enclosing segment up to its fork.
+
+    >>> tree_segments(rows_batch([[tree_of_1234_with_branch_5_off_2]], pad_id=0)).context  # doctest: +SKIP
+    ((), ((0, 2),))
+    """
+    if batch.tree_end is None:
+        raise ConfigError("tree_segments: the batch holds no token tree")
+    end = batch.tree_end.cpu()
+    rows, width = end.shape
+    idx = torch.arange(width)
+    bounds: list[tuple[int, int]] = []
+    context: list[tuple[tuple[int, int], ...]] = []
+    for row in range(rows):
+        e, base = end[row], row * width
+        starts = [0, *(idx[1:][e[:-1] <= idx[1:]]).tolist(), width]
+        for s, stop in zip(starts, starts[1:]):
+            bounds.append((base + s, base + stop))
+            context.append(tuple((base + a, base + b) for a, b in _ranges(e[:s] > s)))
+    return TreeSegments(tuple(bounds), tuple(context))
+
+
 def varlen_kwargs(batch: Batch) -> dict[str, object]:
     """A packed batch's example boundaries over its flattened rows (``rows * T`` positions), as
     flash-attn's variable-length kernel and ``attention.sdpa_varlen`` read them: ``cu_seq_lens_q``
@@ -312,16 +349,22 @@ def model_inputs(batch: Batch, *, block_mask_dtype: torch.dtype | None = None,
     attends across examples (module doc). With ``block_mask_dtype`` a packed batch gets the 4-D
     float mask of ``block_causal_mask`` instead of relying on position_ids detection. With
     ``varlen`` (a model whose attention reads example boundaries: ``sdpa_varlen``, flash-attn) a
-    packed batch also carries ``varlen_kwargs``. A tree batch always gets its explicit mask:
-    ``tree_block_mask`` with ``flex`` (a model loaded with ``flex_attention``), else ``tree_mask``
-    in ``block_mask_dtype`` (the model's dtype; required then).
+    packed batch also carries ``varlen_kwargs``. A tree batch always gets its attention explicitly:
+    ``tree_block_mask`` with ``flex`` (a model loaded with ``flex_attention``); else ``tree_mask``
+    in ``block_mask_dtype`` (the model's dtype) when given; else, with ``varlen``, the per-branch
+    ``tree_segments`` that only ``sdpa_varlen`` reads (flash-attn's kernel cannot attend a tree),
+    with an empty 4-D mask (``attention.no_mask``) so that transformers builds no (T, T) one.
     """
     out: dict[str, object] = {"input_ids": batch.input_ids, "position_ids": batch.position_ids, "use_cache": False}
     if batch.tree_end is not None:
         if flex:
             out["attention_mask"] = tree_block_mask(batch)
+        elif block_mask_dtype is None and varlen:
+            out["attention_mask"] = no_mask(batch.tree_end.shape[0]).to(batch.tree_end.device)
+            out["tree_segments"] = tree_segments(batch)
         elif block_mask_dtype is None:
-            raise ConfigError("model_inputs: a token-tree batch needs block_mask_dtype (the model's dtype)")
+            raise ConfigError("model_inputs: a token-tree batch needs block_mask_dtype (the model's dtype) "
+                              "or varlen (a model with attention sdpa_varlen)")
         else:
             out["attention_mask"] = tree_mask(batch, block_mask_dtype)
     elif batch.attention_mask is not None:

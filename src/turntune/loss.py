@@ -34,6 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from turntune.attention import NAME as VARLEN_NAME
 from turntune.attention import VARLEN_IMPLEMENTATIONS
 from turntune.collate import Batch, model_inputs
 from turntune.constants import IGNORE_INDEX
@@ -233,14 +234,17 @@ def reads_varlen(model: nn.Module) -> bool:
 
 
 def _inputs(model: nn.Module, batch: Batch, block_mask_dtype: torch.dtype | None) -> dict[str, object]:
-    """``model_inputs`` for this model: its varlen boundaries, and for a token-tree batch the
-    explicit tree mask (a flex block mask when the model runs ``flex_attention``, else a float
-    mask in the model's dtype): tree rows never take the varlen path (collate.py module doc)."""
+    """``model_inputs`` for this model: its varlen boundaries, and for a token-tree batch its
+    attention explicitly: per branch when the model runs ``sdpa_varlen`` (unless a dense mask is
+    asked for), a flex block mask with ``flex_attention``, else a float mask in the model's dtype.
+    Tree rows never take the example-boundary path (collate.py module doc)."""
     if batch.tree_end is None:
         return model_inputs(batch, block_mask_dtype=block_mask_dtype, varlen=reads_varlen(model))
     lm = _unwrap(model)
     lm = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
     impl = getattr(getattr(lm, "config", None), "_attn_implementation", None)
+    if impl == VARLEN_NAME and block_mask_dtype is None:
+        return model_inputs(batch, varlen=True)
     dtype = block_mask_dtype or next(lm.parameters()).dtype
     return model_inputs(batch, block_mask_dtype=dtype, flex=impl == "flex_attention")
 
