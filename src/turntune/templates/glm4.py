@@ -21,6 +21,7 @@ import json
 from turntune.conversation import Conversation
 from turntune.errors import TemplateError
 from turntune.templates.base import Rendered
+from turntune.templates.hf import _SERIAL_CHARS, _SERIAL_TEXTS
 
 SPECIAL = {
     "<|endoftext|>": 151329, "[MASK]": 151330, "[gMASK]": 151331, "[sMASK]": 151332,
@@ -44,16 +45,20 @@ def encode_plain(tokenizer, texts: list[str]) -> list[list[int]]:
     """Encode texts with special-token strings kept as plain text, in one batch call.
 
     Goes to the Rust tokenizer directly: the Python wrapper's per-call overhead is most of the
-    cost of encoding short chat messages.
+    cost of encoding short chat messages. Without character offsets (``encode_batch_fast``: same
+    ids); the few short texts of one conversation (``encode()`` per call) one by one on this thread,
+    as ``HFTemplate._tokenize`` does: waking the tokenizer's thread pool for them costs more CPU.
     """
     if not texts:
         return []
     backend = getattr(tokenizer, "_tokenizer", None)
-    if backend is not None and hasattr(backend, "encode_batch"):
+    if backend is not None and hasattr(backend, "encode_batch_fast"):
         saved = backend.encode_special_tokens
         backend.encode_special_tokens = True  # '<|user|>' typed by a user is text, not a control token
         try:
-            return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+            if len(texts) <= _SERIAL_TEXTS and sum(map(len, texts)) <= _SERIAL_CHARS:
+                return [backend.encode_batch_fast([t], add_special_tokens=False)[0].ids for t in texts]
+            return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
         finally:
             backend.encode_special_tokens = saved
     out = tokenizer(texts, add_special_tokens=False, split_special_tokens=True)
