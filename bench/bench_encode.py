@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import io
 import os
 import platform
@@ -131,15 +132,26 @@ class Timing:
 
 
 def time_best(fns: dict[str, Callable[[], object]], repeat: int) -> tuple[dict[str, Timing], dict[str, object]]:
-    """Best times of each function over ``repeat`` rounds, the rounds interleaved."""
+    """Best times of each function over ``repeat`` rounds, the rounds interleaved.
+
+    The outputs of the other variants stay alive for the checks (millions of objects), and a
+    variant that allocates often (one conversation per call) would pay for the garbage collector
+    walking them again and again: a cost of this bench's heap, not of the variant (a
+    ``datasets.map`` function's heap holds nothing of the kind). So what is alive when a variant
+    starts is frozen out of the collector's sight (``gc.freeze``) for every variant alike."""
     best = {k: Timing() for k in fns}
     last: dict[str, object] = {}
     for _ in range(repeat):
         for k, fn in fns.items():
             last.pop(k, None)  # free the previous round's output before timing the next
-            w0, c0, m0 = time.perf_counter(), time.process_time(), time.thread_time()
-            last[k] = fn()
-            best[k].update(time.perf_counter() - w0, time.process_time() - c0, time.thread_time() - m0)
+            gc.collect()
+            gc.freeze()
+            try:
+                w0, c0, m0 = time.perf_counter(), time.process_time(), time.thread_time()
+                last[k] = fn()
+                best[k].update(time.perf_counter() - w0, time.process_time() - c0, time.thread_time() - m0)
+            finally:
+                gc.unfreeze()
     return best, last
 
 

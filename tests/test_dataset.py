@@ -374,3 +374,20 @@ def test_save_to_disk_folders(tmp_path, chatml):
     assert len(got) == 6 and got.source(2) == f"{tmp_path / 'ds'}:#3"
     with pytest.raises(DataError, match="not a datasets folder"):
         load_conversations(tmp_path)  # holds folders, none of them a split
+
+
+def test_a_killed_writers_partial_folder_is_removed_by_the_next_writer(chatml, tmp_path):
+    """SIGKILL (or a machine that went down) runs no clean-up: the hidden partial folder stays. The
+    next process to take the folder's lock is the only one that may write it, so the partial
+    folders beside it are dead writers' and go (a 1 M-conversation one is gigabytes)."""
+    data = _data(tmp_path, copies=1, bad=False)
+    cache, opts = tmp_path / "cache", EncodeOptions("all", "token", 512)
+    name = dataset.fingerprint(dataset.encode_inputs(data, chatml, opts))[:32]
+    stale = cache / f".{name}.tmp-999999-deadbeef"
+    stale.mkdir(parents=True)
+    (stale / "ids").write_bytes(b"\0" * 64)
+    other = cache / ".0123456789abcdef0123456789abcdef.tmp-999999-deadbeef"  # another cache's: not ours to touch
+    other.mkdir()
+    got = cached_encode(data, chatml, opts, cache_dir=cache, num_proc=1)
+    assert got.encoded_here and got.data.folder.name == name
+    assert not stale.exists() and other.exists()

@@ -537,6 +537,10 @@ def cached_encode(path: str | Path, template, options: EncodeOptions, *, format:
     with _locked(folder.with_name(folder.name + ".lock")):
         if check_folder(folder) is None:  # another process wrote it while this one waited
             return Loaded(EncodedData(folder), False, time.time() - t0)
+        # Holding the lock, this process is the folder's only writer: partial folders beside it are
+        # from writers killed without clean-up (SIGKILL, a lost machine), gigabytes at scale.
+        for stale in root.glob(f".{folder.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         data = write_encoded(path, template, options, folder, format=format, on_invalid=on_invalid,
                              num_proc=num_proc, inputs=inputs, progress=progress)
     return Loaded(data, True, time.time() - t0)
