@@ -213,9 +213,16 @@ def main() -> None:
     ap.add_argument("--small", type=int, default=2000)
     ap.add_argument("--plans", type=int, metavar="N", help="only time epoch-0 plans for N lengths, old vs new")
     ap.add_argument("--lengths-from", metavar="DIR", help="time the plans on the lengths of this encoded folder")
+    ap.add_argument("--write", nargs=2, metavar=("N", "PATH"),
+                    help="only write N generated conversations to PATH (JSONL), e.g. for bench/configs/scale-1m.yaml")
     ap.add_argument("--warm", nargs=2, help=argparse.SUPPRESS)  # (internal) data, cache
     ap.add_argument("--plan-one", nargs=3, help=argparse.SUPPRESS)  # (internal) old|new, packed|budget, N
     a = ap.parse_args()
+    if a.write:
+        t0 = time.time()
+        _write_data(Path(a.write[1]), int(a.write[0]))
+        print(f"wrote {int(a.write[0]):,} conversations to {a.write[1]} in {time.time() - t0:.0f}s")
+        return
     if a.warm:
         print(json.dumps(warm_run(Path(a.warm[0]), Path(a.warm[1]))))
         return
