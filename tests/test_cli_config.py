@@ -7,8 +7,6 @@ scored; each command must show exactly that.
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import shutil
 from pathlib import Path
@@ -18,22 +16,10 @@ import yaml
 
 from turntune.cli import main
 from turntune.constants import IGNORE_INDEX
+from cli_run import run, subset
 
 ROOT = Path(__file__).resolve().parents[1]
 CHATML_TOOLS = ROOT / "examples/templates/chatml-tools.jinja"
-
-
-def run(args: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(args)
-    return code, out.getvalue(), err.getvalue()
-
-
-def subset(tmp: Path, name: str, n: int) -> Path:
-    p = tmp / f"{name}-{n}.jsonl"
-    p.write_text("\n".join((ROOT / "examples/data" / f"{name}.jsonl").read_text().splitlines()[:n]) + "\n")
-    return p
 
 
 @pytest.fixture(scope="module")

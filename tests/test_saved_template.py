@@ -7,8 +7,6 @@ final/`` chatted in the native format the run never saw.
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 from pathlib import Path
 
@@ -17,26 +15,13 @@ import yaml
 
 from reasoning import TEMPLATES
 from turntune import chat as chat_module
-from turntune.cli import main
 from turntune.config import load_config
 from turntune.models import load_tokenizer
 from turntune.recipes import recipe
+from cli_run import run, subset
 
 ROOT = Path(__file__).resolve().parents[1]
 CUSTOM = TEMPLATES / "glm4-0414.jinja"  # a Jinja GLM template: not what `auto` picks for this tokenizer
-
-
-def run(args: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(args)
-    return code, out.getvalue(), err.getvalue()
-
-
-def subset(tmp: Path, name: str, n: int) -> Path:
-    p = tmp / f"{name}-{n}.jsonl"
-    p.write_text("\n".join((ROOT / "examples/data" / f"{name}.jsonl").read_text().splitlines()[:n]) + "\n")
-    return p
 
 
 @pytest.fixture(scope="module")

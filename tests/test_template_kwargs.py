@@ -7,15 +7,12 @@ them only when set, so every fingerprint made without them keeps its value.
 """
 from __future__ import annotations
 
-import contextlib
-import io
 
 import pytest
 import yaml
 
 from reasoning import ROUNDS, TOOL_LOOP, save_tokenizer, template_source, tokenizer_for, write_jsonl
 from turntune import dataset
-from turntune.cli import main
 from turntune.config import load_config
 from turntune.constants import IGNORE_INDEX
 from turntune.conversation import Conversation, Message
@@ -23,15 +20,9 @@ from turntune.dataset import ENCODING_VERSION, cached_encode, encode_inputs, fil
     tokenizer_digest, write_encoded
 from turntune.encoding import EncodeOptions, EncodeReport, encode, encode_conversations, resolve_template
 from turntune.errors import ConfigError, DataError
+from cli_run import run
 
 PRESERVED = {"clear_thinking": False}
-
-
-def run(args: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(args)
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")

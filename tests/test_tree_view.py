@@ -9,9 +9,7 @@ conversation and from real expansion (``EncodeOptions(tree=False)``), not from t
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import json
 import re
 from html.parser import HTMLParser
@@ -21,22 +19,15 @@ import pytest
 from reasoning import ROUNDS, save_tokenizer, tokenizer_for, write_jsonl
 from turntune import auditing
 from turntune.auditing import audit
-from turntune.cli import main
 from turntune.constants import IGNORE_INDEX
 from turntune.encoding import EncodeOptions, encode_conversations, resolve_template
 from turntune.inspect_view import CLOSE, NEWLINE, OPEN
 from turntune.tree_view import parents, tree_mismatches
+from cli_run import run
 
 REASONING = [m.reasoning for m in ROUNDS.messages if m.role == "assistant"]
 CONTENT = [m.content for m in ROUNDS.messages if m.role == "assistant"]
 TITLE = re.compile(r"^( *)(?:└─ )?(shared history.*|branch [\d.]+: .*)$")
-
-
-def run(args: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(args)
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")
