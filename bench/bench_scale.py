@@ -34,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,6 +55,26 @@ def _tree_rss(pid: int) -> int:
         except (FileNotFoundError, ProcessLookupError):
             pass
     return total
+
+
+def _sampler(start: int, every: float) -> tuple[list[int], Callable[[], None]]:
+    """Sample this process tree's resident bytes every ``every`` s in a thread: ``peak[0]`` is the
+    most seen (at least ``start``); call ``stop()`` to end it and wait for the thread."""
+    peak, done = [start], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _tree_rss(os.getpid()))
+            time.sleep(every)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+
+    def stop() -> None:
+        done.set()
+        th.join()
+
+    return peak, stop
 
 
 def _write_data(path: Path, n: int) -> None:
@@ -78,20 +99,11 @@ def encode_run(data: Path, out: Path, num_proc: int) -> dict:
     from turntune.encoding import EncodeOptions
 
     tmpl = _template()
-    peak, stop = [0], threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], _tree_rss(os.getpid()))
-            time.sleep(0.2)
-
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
+    peak, stop = _sampler(0, 0.2)
     t0 = time.time()
     got = write_encoded(data, tmpl, EncodeOptions("all", "token", 2048), out, num_proc=num_proc)
     dt = time.time() - t0
-    stop.set()
-    th.join()
+    stop()
     size = sum(f.stat().st_size for f in out.iterdir())
     return {"num_proc": num_proc, "seconds": dt, "conversations": got.data_report.valid, "examples": len(got),
             "tokens": got.n_tokens, "peak_rss_gb": peak[0] / 2**30, "bytes_per_token": size / got.n_tokens,
@@ -153,15 +165,7 @@ def plan_run(impl: str, kind: str, n: int, lengths_from: str | None) -> dict:
     lengths = _lengths(n, lengths_from)
     gc.collect()
     rss0 = _tree_rss(os.getpid())
-    peak, stop = [rss0], threading.Event()
-
-    def sample() -> None:  # resident size every 10 ms while planning (ru_maxrss would count earlier peaks)
-        while not stop.is_set():
-            peak[0] = max(peak[0], _tree_rss(os.getpid()))
-            time.sleep(0.01)
-
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
+    peak, stop = _sampler(rss0, 0.01)  # every 10 ms while planning (ru_maxrss would count earlier peaks)
     t0 = time.perf_counter()
     if impl == "old":
         as_list = lengths.tolist()  # what MicroBatches did with the cache's array
@@ -171,8 +175,7 @@ def plan_run(impl: str, kind: str, n: int, lengths_from: str | None) -> dict:
     else:
         plan = packed_batches(lengths, 2048, 4, seed=0) if kind == "packed" else token_budget_batches(lengths, 8192, 0)
     seconds = time.perf_counter() - t0
-    stop.set()
-    th.join()
+    stop()
     gc.collect()
     kept = _tree_rss(os.getpid()) - rss0
     return {"impl": impl, "kind": kind, "n": len(lengths), "tokens": int(lengths.sum()), "seconds": seconds,
