@@ -210,12 +210,47 @@ def plans(n: int, lengths_from: str | None) -> None:
           "shuffles, other mega-batches)")
 
 
+def assembly(folder: str, n: int = 40) -> None:
+    """Micro-batch assembly on one encoded folder, side by side in one process: each micro-batch
+    built from ``Example`` objects (``data[i]``) and ``rows_batch``/``pad_batch`` -- the old
+    ``MicroBatches.get`` -- and gathered from the mapped columns (``EncodedData.batch``). The same
+    ``n`` micro-batches of epoch 0, each way, the two results asserted equal."""
+    import torch
+
+    from turntune.collate import packed_batches, pad_batch, rows_batch, token_budget_batches
+    from turntune.dataset import EncodedData
+
+    data = EncodedData(folder)
+    kinds = {"packed, 4 rows of 2048": (True, packed_batches(data.lengths, 2048, 4, 0)[:n]),
+             "token budget 8192": (False, token_budget_batches(data.lengths, 8192, 0)[:n])}
+    print(f"micro-batch assembly, {len(data):,} examples in {folder}; {n} micro-batches of epoch 0 each, ms per batch")
+    print(f"{'':26}{'tokens':>8}{'from examples':>15}{'from columns':>14}{'speed-up':>10}")
+    for name, (packed, plan) in kinds.items():
+        times = {}
+        for way in ("examples", "columns", "examples", "columns"):  # twice each, interleaved; the second counts
+            t0 = time.perf_counter()
+            if way == "columns":
+                got = [data.batch(item, pad_id=0, packed=packed) for item in plan]
+            elif packed:
+                want = [rows_batch([[data[i] for i in row] for row in item], pad_id=0) for item in plan]
+            else:
+                want = [pad_batch([data[i] for i in item], pad_id=0) for item in plan]
+            times[way] = (time.perf_counter() - t0) / len(plan) * 1000
+        for a, b in zip(got, want):
+            assert all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("input_ids", "labels", "weight", "turn",
+                                                                              "position_ids"))
+        tokens = sum(sum(map(sum, b.seq_lens)) for b in got) / len(got)
+        print(f"{name:26}{tokens:8.0f}{times['examples']:15.2f}{times['columns']:14.2f}"
+              f"{times['examples'] / times['columns']:9.1f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=20000)
     ap.add_argument("--small", type=int, default=2000)
     ap.add_argument("--plans", type=int, metavar="N", help="only time epoch-0 plans for N lengths, old vs new")
     ap.add_argument("--lengths-from", metavar="DIR", help="time the plans on the lengths of this encoded folder")
+    ap.add_argument("--assembly", metavar="DIR", help="only time micro-batch assembly on this encoded folder")
     ap.add_argument("--write", nargs=2, metavar=("N", "PATH"),
                     help="only write N generated conversations to PATH (JSONL), e.g. for bench/configs/scale-1m.yaml")
     ap.add_argument("--warm", nargs=2, help=argparse.SUPPRESS)  # (internal) data, cache
@@ -225,6 +260,9 @@ def main() -> None:
         t0 = time.time()
         _write_data(Path(a.write[1]), int(a.write[0]))
         print(f"wrote {int(a.write[0]):,} conversations to {a.write[1]} in {time.time() - t0:.0f}s")
+        return
+    if a.assembly:
+        assembly(a.assembly)
         return
     if a.warm:
         print(json.dumps(warm_run(Path(a.warm[0]), Path(a.warm[1]))))

@@ -10,7 +10,9 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from turntune import dataset
 from turntune.data import load_conversations
@@ -92,6 +94,66 @@ def test_token_trees_round_trip(glm4_tokenizer, tmp_path, small_chunks):
     got = write_encoded(data, tmpl, opts, tmp_path / "c", num_proc=2)
     assert sum(e.is_tree for e in want) >= 40
     assert [_fields(e) for e in got] == [_fields(e) for e in want]
+
+
+def _same_batch(a, b) -> None:
+    assert a.seq_lens == b.seq_lens
+    for name in ("input_ids", "labels", "weight", "turn", "attention_mask", "position_ids", "tree_end"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert (x is None) == (y is None), name
+        if x is not None:
+            assert x.dtype == y.dtype and torch.equal(x, y), name
+
+
+@pytest.mark.parametrize("weighting", ["turn", "token"])
+def test_micro_batches_from_the_mapped_columns_equal_collated_examples(glm4_tokenizer, chatml, tmp_path, weighting):
+    """``EncodedData.batch`` gathers a micro-batch from the columns; it must give exactly what
+    building each example and collating it gives: packed rows and padded rows, token trees
+    (positions and tree_end offset by their column) beside plain examples, weights 1/|A_k|."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from reasoning import conversations, template_source, tokenizer_for
+
+    from turntune.collate import pack_rows, packed_batches, pad_batch, rows_batch, token_budget_batches
+    from turntune.templates.hf import HFTemplate
+
+    tmpl = HFTemplate(tokenizer_for(glm4_tokenizer, "qwen3"), chat_template=template_source("qwen3"))
+    data = tmp_path / "reasoning.jsonl"
+    data.write_text("".join(json.dumps({"messages": [_message(m) for m in c.messages]}) + "\n"
+                            for c in conversations("qwen3") * 6)
+                    + "".join(json.dumps({"messages": [{"role": "user", "content": f"hi {i}"},
+                                                       {"role": "assistant", "content": "hello " * i}]}) + "\n"
+                              for i in range(1, 9)))  # prefix-stable: plain examples beside the trees
+    trees = write_encoded(data, tmpl, EncodeOptions("expand", weighting, None), tmp_path / "t", num_proc=1)
+    strategy = "full" if weighting == "token" else "all"  # full: each example's first token is labelled
+    with pytest.warns(UserWarning) if strategy == "full" else _nothing():
+        plain = write_encoded(_data(tmp_path, copies=1, bad=False), chatml, EncodeOptions(strategy, weighting, 512),
+                              tmp_path / "p", num_proc=1)
+    assert 0 < sum(e.is_tree for e in trees) < len(trees)
+    checked = 0
+    for got in (trees, plain):
+        exs = list(got)
+        longest = int(got.lengths.max())
+        for seed in range(3):
+            for plan in packed_batches(got.lengths, longest + 37, 3, seed)[:6]:
+                _same_batch(got.batch(plan, pad_id=7, packed=True), rows_batch([[exs[i] for i in r] for r in plan], pad_id=7))
+                checked += 1
+            for item in token_budget_batches(got.lengths, 3 * longest, seed)[:6]:
+                _same_batch(got.batch(item, pad_id=7, packed=False), pad_batch([exs[i] for i in item], pad_id=7))
+                checked += 1
+        row = pack_rows(got.lengths, longest)[0]  # one row, one example: no pads at all
+        _same_batch(got.batch([row], pad_id=0, packed=True), rows_batch([[exs[i] for i in row]], pad_id=0))
+    assert checked >= 60
+    # the encoder never labels an example's first token; the batch clears it anyway, as collate does
+    flags = np.memmap(plain.folder / "flags", dtype="u1", mode="r+")
+    flags[plain.offsets[:-1]] |= dataset.LABELLED
+    flags.flush()
+    marked = EncodedData(plain.folder)
+    plan = packed_batches(marked.lengths, 512, 3, 0)[0]
+    with np.errstate(divide="ignore"):  # the reference path divides by the denominator 0 of a context token
+        _same_batch(marked.batch(plan, pad_id=7, packed=True), rows_batch([[marked[i] for i in r] for r in plan],
+                                                                          pad_id=7))
+    with pytest.raises(IndexError):
+        plain.batch([[0, len(plain)]], pad_id=0, packed=True)
 
 
 def _message(m) -> dict:

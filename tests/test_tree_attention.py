@@ -251,3 +251,57 @@ def test_training_with_trees_uses_per_branch_attention(toks, tiny_glm_path, tmp_
     dense = run("sdpa")
     assert len(calls) == n
     assert ours == pytest.approx(dense, rel=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_attention_block_mask_equals_the_dense_mask(toks, tiny_glm_path, monkeypatch):
+    """``model.attn_implementation: flex_attention``: a tree batch gets ``tree_block_mask`` and a
+    plain packed or padded one transformers' own mask, each giving the sdpa reference's logits and
+    the same step loss. Flex runs eagerly here (dynamo off): the compiled kernel is a GPU matter,
+    what is checked is the mask it is handed."""
+    from transformers.integrations import flex_attention as hf_flex
+
+    monkeypatch.setattr(hf_flex, "is_torchdynamo_compiling", lambda: True)  # torch's flex_attention as it is
+    trees, plain = encoded(toks, "glm45"), encoded(toks, "glm45", tree=False)
+    flex, ref = load(tiny_glm_path, "flex_attention"), load(tiny_glm_path, "sdpa")
+    built = []
+    real = collate.tree_block_mask
+    monkeypatch.setattr(collate, "tree_block_mask", lambda b: built.append(1) or real(b))
+    batches = [rows_batch([[FILLER, *trees], [trees[0], FILLER]], pad_id=0, pad_to_multiple_of=64),
+               rows_batch([plain[:3], plain[3:]], pad_id=0), pad_batch(plain, pad_id=0)]
+    for b in batches:
+        with torch.no_grad():
+            got = flex(**collate.model_inputs(b, flex=True)).logits
+            want = ref(**collate.model_inputs(b, block_mask_dtype=torch.float64)).logits
+            real_pos = b.input_ids != 0
+            assert float((got - want)[real_pos].abs().max()) < 1e-9
+            assert abs(float(batch_loss(flex, b).weighted_sum) - float(batch_loss(ref, b).weighted_sum)) < 1e-9
+    assert len(built) == 2  # the tree batch, once by hand and once in batch_loss
+
+
+def test_an_attention_that_cannot_attend_a_tree_is_refused_with_the_fix(toks, varlen_model, monkeypatch):
+    """flash-attn's kernel takes example boundaries, not a tree mask: a tree batch must stop with
+    the settings that work, never run with a mask the kernel ignores."""
+    b = rows_batch([[FILLER, *encoded(toks, "glm45")]], pad_id=0)
+    monkeypatch.setattr(varlen_model.config, "_attn_implementation", "flash_attention_2")
+    with pytest.raises(ConfigError, match="flash_attention_2.*token trees.*sdpa_varlen"):
+        batch_loss(varlen_model, b)
+
+
+def test_training_trees_with_flash_attention_stops_before_loading_the_model(toks, tiny_glm_path, tmp_path,
+                                                                            monkeypatch):
+    from turntune import training
+    from turntune.config import load_config
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"messages": c.to_hf()}) + "\n" for c in conversations("glm45")))
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_glm_path, model_dir)
+    toks["glm45"].save_pretrained(model_dir)
+    cfg = {"model": {"path": str(model_dir), "attn_implementation": "flash_attention_2"},
+           "data": {"train": str(data), "eval": None, "template": "hf", "max_length": 512},
+           "train": {"output_dir": str(tmp_path / "out"), "max_steps": 1}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    monkeypatch.setattr(training, "_build_model", lambda *a: pytest.fail("model loaded"))
+    with pytest.raises(ConfigError, match=rf"{data}: \d+ conversations are token trees.*flash_attention_2 cannot"):
+        training.train(load_config(tmp_path / "c.yaml"))

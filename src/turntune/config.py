@@ -53,13 +53,15 @@ class ModelConfig:
     """Run Python code shipped in the model folder. Off unless you trust the folder."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Weights' dtype. Mixed precision is ``train.autocast``; keep float32 weights on CPU."""
-    attn_implementation: Literal["sdpa_varlen", "sdpa", "eager", "flash_attention_2"] = "sdpa_varlen"
+    attn_implementation: Literal["sdpa_varlen", "sdpa", "eager", "flex_attention", "flash_attention_2"] = "sdpa_varlen"
     """Attention kernel; packing is exact with each (use_cache=False, see DESIGN.md §4).
     ``sdpa_varlen`` (turntune's, any device) runs sdpa once per packed example, skipping the work
-    across examples (faster than ``sdpa`` on packed rows: bench/README.md, training);
-    ``sdpa`` and ``eager`` attend over a whole packed row under a block-diagonal mask;
-    ``flash_attention_2`` (a GPU with the flash-attn package) gets the same example boundaries
-    for its variable-length kernel."""
+    across examples (faster than ``sdpa`` on packed rows: bench/README.md, training), and per
+    branch on token trees; ``sdpa`` and ``eager`` attend over a whole packed row under a
+    block-diagonal (or tree) mask; ``flex_attention`` (torch's, compiled on first use: meant for
+    a GPU) gets a block mask, token trees included; ``flash_attention_2`` (a GPU with the
+    flash-attn package) gets the same example boundaries for its variable-length kernel, and
+    cannot attend token trees (training data with trees stops with this message)."""
 
     def __post_init__(self) -> None:
         _paths("model", self, "path")

@@ -50,8 +50,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from turntune.constants import IGNORE_INDEX
+from turntune.collate import Batch
+from turntune.constants import IGNORE_INDEX, NO_TURN
 from turntune.data import DataReport, read_chunks, validate_chunk
 from turntune.encoding import EncodeOptions, EncodeReport, encode_conversations
 from turntune.errors import ConfigError, DataError, TurntuneError
@@ -231,6 +233,71 @@ class EncodedData(Sequence[Example]):
         tree = (self.tree_pos[ta:tb].tolist(), self.tree_end[ta:tb].tolist()) if tb > ta else (None, None)
         return Example(ids.tolist(), np.where(lab, ids, IGNORE_INDEX).tolist(), self.turn[a:b].tolist(),
                        weight.tolist(), self.source(i), int(self.n_turns[i]), position_ids=tree[0], tree_end=tree[1])
+
+    def batch(self, rows: Sequence[Sequence[int]], *, pad_id: int, packed: bool) -> Batch:
+        """The micro-batch of these examples straight from the mapped columns: ``packed`` rows of
+        examples (as ``collate.rows_batch``), else one example per row, right-padded (as
+        ``collate.pad_batch``). The same tensors as building each ``self[i]`` and collating them
+        (a test holds them equal), without a Python list per token: one gather per column.
+        """
+        rows = [[int(j) for j in r] for r in rows] if packed else [[int(j)] for j in rows]
+        if not rows or not all(rows):
+            raise ConfigError("EncodedData.batch: every row needs at least one example")
+        ex = np.fromiter(itertools.chain.from_iterable(rows), np.int64)
+        if ex.min() < 0 or ex.max() >= len(self):
+            raise IndexError(f"example index out of range 0..{len(self) - 1}")
+        per_row = np.fromiter(map(len, rows), np.int64, len(rows))
+        first, lens = self.offsets[ex], self.offsets[ex + 1] - self.offsets[ex]
+        if not lens.all():
+            k = int(ex[np.argmin(lens)])
+            raise DataError("empty example (no tokens)", source=self.source(k), rule="empty")
+        ends = np.cumsum(lens)  # where each example ends, counting every row's tokens in turn
+        row_of = np.repeat(np.arange(len(rows)), per_row)
+        row_base = np.concatenate(([0], ends[np.cumsum(per_row)[:-1] - 1]))  # tokens before each row
+        col0 = ends - lens - row_base[row_of]  # each example's first column in its row
+        used = np.bincount(row_of, weights=lens, minlength=len(rows)).astype(np.int64)
+        width, n = int(used.max()), int(ends[-1])
+        within = np.arange(n) - np.repeat(ends - lens, lens)  # a token's index in its example
+        src = np.repeat(first, lens) + within
+        r, c = np.repeat(row_of, lens), np.repeat(col0, lens) + within
+
+        ids = self.ids[src].astype(np.int64)
+        lab = (self.flags[src] & LABELLED) > 0
+        lab[within == 0] = False  # the first token of an example never has a label (collate.py)
+        weight = np.zeros(n, dtype=np.float64)
+        weight[lab] = 1.0 / self.denom[src[lab]] if self.denom is not None else 1.0
+        pos = within.copy()
+        tree_first = self.tree_offsets[ex]
+        is_tree = self.tree_offsets[ex + 1] > tree_first
+        end = np.repeat(col0 + lens, lens)  # a plain example: causal within itself
+        if is_tree.any():
+            t = np.repeat(is_tree, lens)
+            tsrc = np.repeat(tree_first, lens)[t] + within[t]
+            pos[t] = self.tree_pos[tsrc]
+            end[t] = np.repeat(col0, lens)[t] + self.tree_end[tsrc]
+
+        def grid(fill, dtype) -> np.ndarray:
+            return np.full((len(rows), width), fill, dtype=dtype)
+
+        g_ids, g_lab, g_w = grid(pad_id, np.int64), grid(IGNORE_INDEX, np.int64), grid(0.0, np.float64)
+        g_turn, g_pos = grid(NO_TURN, np.int64), grid(0, np.int64)
+        g_ids[r, c], g_lab[r, c], g_w[r, c] = ids, np.where(lab, ids, IGNORE_INDEX), weight
+        g_turn[r, c], g_pos[r, c] = self.turn[src], pos
+        if packed:  # trailing pads: a segment of their own, positions from 0
+            pad_cols = np.arange(width)[None, :] - used[:, None]
+            g_pos = np.where(pad_cols >= 0, pad_cols, g_pos)
+        tree_end = None
+        if is_tree.any():
+            tree_end = grid(width, np.int64)
+            tree_end[r, c] = end
+            tree_end = torch.from_numpy(tree_end)
+        mask = None
+        if not packed:
+            mask = torch.from_numpy((np.arange(width)[None, :] < used[:, None]).astype(np.int64))
+        seq_lens = np.split(lens, np.cumsum(per_row)[:-1])
+        return Batch(input_ids=torch.from_numpy(g_ids), labels=torch.from_numpy(g_lab), weight=torch.from_numpy(g_w),
+                     turn=torch.from_numpy(g_turn), attention_mask=mask, position_ids=torch.from_numpy(g_pos),
+                     seq_lens=[s.tolist() for s in seq_lens], tree_end=tree_end)
 
     @property
     def data_report(self) -> DataReport:

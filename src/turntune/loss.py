@@ -226,6 +226,9 @@ class LossModel(nn.Module):
         return weighted, w.sum().detach(), keep.sum()
 
 
+TREE_IMPLEMENTATIONS = frozenset({VARLEN_NAME, "sdpa", "eager", "flex_attention"})  # read a tree's attention
+
+
 def reads_varlen(model: nn.Module) -> bool:
     """Whether the model's attention reads packed example boundaries (``attention.VARLEN_IMPLEMENTATIONS``)."""
     lm = _unwrap(model)
@@ -243,6 +246,10 @@ def _inputs(model: nn.Module, batch: Batch, block_mask_dtype: torch.dtype | None
     lm = _unwrap(model)
     lm = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
     impl = getattr(getattr(lm, "config", None), "_attn_implementation", None)
+    if impl is not None and impl not in TREE_IMPLEMENTATIONS:
+        raise ConfigError(f"model.attn_implementation={impl} cannot attend token trees (its kernel takes example "
+                          f"boundaries or a causal mask, not a tree mask); use {VARLEN_NAME} (the default), sdpa, "
+                          "eager or flex_attention")
     if impl == VARLEN_NAME and block_mask_dtype is None:
         return model_inputs(batch, varlen=True)
     dtype = block_mask_dtype or next(lm.parameters()).dtype

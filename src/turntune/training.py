@@ -31,12 +31,12 @@ from torch import nn
 from turntune.collate import Batch, PackedPlan, Ragged, pad_batch, packed_batches, rows_batch, token_budget_batches
 from turntune.config import Config
 from turntune.constants import IGNORE_INDEX
-from turntune.dataset import cached_encode
+from turntune.dataset import EncodedData, cached_encode
 from turntune.encoding import EncodeOptions, check_lost
 from turntune.errors import ConfigError, TurntuneError
 from turntune.example import Example
 from turntune.evaluation import EvalResult, evaluate
-from turntune.loss import backward_loss, batch_loss, window_weight
+from turntune.loss import TREE_IMPLEMENTATIONS, backward_loss, batch_loss, window_weight
 from turntune import checkpoint as ckpt
 from turntune.models import add_lora, check_model_folder, load_model, resolve_path
 from turntune.parallel import (Dist, after_eval, check_loss, checkpointed, clip_gradients, distribute, final_weights,
@@ -151,6 +151,8 @@ class MicroBatches:
         if epoch != self._epoch:
             self._epoch, self._plan = epoch, self.plan(epoch)
         item = self._plan[i * self.d.world + self.d.rank]
+        if isinstance(self.examples, EncodedData):  # gathered from the mapped columns, no Example built
+            return self.examples.batch(item, pad_id=self.pad_id, packed=self.cfg.data.packing)
         if self.cfg.data.packing:
             return rows_batch([[self.examples[j] for j in row] for row in item], pad_id=self.pad_id)
         return pad_batch([self.examples[j] for j in item], pad_id=self.pad_id)
@@ -186,6 +188,10 @@ def _encode_split(path, cfg: Config, template, log: Log, what: str, options: Enc
     log(f"{what} encoding ({options.strategy}, {options.weighting}, max_length {options.max_length}):")
     log("  " + rep.summary().replace("\n", "\n  "))
     check_lost(rep, cfg.data.max_lost_share, data.data_report)
+    if rep.trees and cfg.model.attn_implementation not in TREE_IMPLEMENTATIONS:
+        raise ConfigError(f"{path}: {rep.trees:,} conversations are token trees (their template rewrites earlier "
+                          f"replies), and model.attn_implementation={cfg.model.attn_implementation} cannot attend a "
+                          "tree; use sdpa_varlen (the default), sdpa, eager or flex_attention")
     if not len(data):
         raise TurntuneError(f"{path}: no example has a trained token (see the report above); nothing to train on")
     return data, rep
