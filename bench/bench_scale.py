@@ -27,6 +27,7 @@ SmolLM2 tokenizer and examples/templates/chatml-tools.jinja, strategy ``all``, m
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -98,14 +99,21 @@ def encode_run(data: Path, out: Path, num_proc: int) -> dict:
     from turntune.dataset import write_encoded
     from turntune.encoding import EncodeOptions
 
+    import resource
+
+    def cpu() -> float:
+        return sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF),
+                                                      resource.getrusage(resource.RUSAGE_CHILDREN)))
+
     tmpl = _template()
     peak, stop = _sampler(0, 0.2)
-    t0 = time.time()
+    t0, c0 = time.time(), cpu()
     got = write_encoded(data, tmpl, EncodeOptions("all", "token", 2048), out, num_proc=num_proc)
-    dt = time.time() - t0
+    dt, cpu_s = time.time() - t0, cpu() - c0
     stop()
     size = sum(f.stat().st_size for f in out.iterdir())
-    return {"num_proc": num_proc, "seconds": dt, "conversations": got.data_report.valid, "examples": len(got),
+    return {"num_proc": num_proc, "seconds": dt, "cpu_s": cpu_s, "conversations": got.data_report.valid,
+            "examples": len(got),
             "tokens": got.n_tokens, "peak_rss_gb": peak[0] / 2**30, "bytes_per_token": size / got.n_tokens,
             "disk_mb": size / 2**20}
 
@@ -244,6 +252,40 @@ def assembly(folder: str, n: int = 40) -> None:
               f"{times['examples'] / times['columns']:9.1f}x")
 
 
+def to_parquet(src: Path, dst: Path, rows: int = 20000) -> None:
+    """A JSONL file's records as one Parquet file, ``rows`` records per row group, streamed. The
+    schema is the first batch's; a later batch whose inferred schema differs stops the conversion
+    (a field of the records would be dropped, not carried)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    writer, n, batch = None, 0, []
+    with src.open(encoding="utf-8") as f:
+        for line in itertools.chain(f, [None]):
+            if line is not None:
+                batch.append(json.loads(line))
+            if batch and (line is None or len(batch) == rows):
+                table = pa.Table.from_pylist(batch)
+                if writer is None:
+                    writer = pq.ParquetWriter(dst, table.schema)
+                elif not table.schema.equals(writer.schema):
+                    table = table.cast(writer.schema)  # same fields (only types inferred null may differ) or it raises
+                writer.write_table(table)
+                n, batch = n + len(batch), []
+    writer.close()
+    print(f"wrote {n:,} records to {dst} ({dst.stat().st_size / 2**20:,.0f} MB)")
+
+
+def encode_file(data: Path, out: Path, num_proc: int, reference: str | None) -> None:
+    """``encode_run`` on one existing file; with ``reference`` (a folder encoded from the same
+    conversations in another file format), the token columns must be byte-identical to it."""
+    r = encode_run(data, out, num_proc)
+    if reference:
+        cols = ("ids", "turn", "flags", "offsets", "n_turns")
+        r["same_columns_as_reference"] = all((out / c).read_bytes() == (Path(reference) / c).read_bytes() for c in cols)
+    print(json.dumps(r), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=20000)
@@ -253,6 +295,10 @@ def main() -> None:
     ap.add_argument("--assembly", metavar="DIR", help="only time micro-batch assembly on this encoded folder")
     ap.add_argument("--write", nargs=2, metavar=("N", "PATH"),
                     help="only write N generated conversations to PATH (JSONL), e.g. for bench/configs/scale-1m.yaml")
+    ap.add_argument("--to-parquet", nargs=2, metavar=("JSONL", "PARQUET"), help="only convert a JSONL file")
+    ap.add_argument("--encode-file", nargs=2, metavar=("DATA", "OUT"), help="only encode DATA into folder OUT")
+    ap.add_argument("--num-proc", type=int, default=2)
+    ap.add_argument("--reference", metavar="DIR", help="with --encode-file: the token columns must equal this folder's")
     ap.add_argument("--warm", nargs=2, help=argparse.SUPPRESS)  # (internal) data, cache
     ap.add_argument("--plan-one", nargs=3, help=argparse.SUPPRESS)  # (internal) old|new, packed|budget, N
     a = ap.parse_args()
@@ -263,6 +309,12 @@ def main() -> None:
         return
     if a.assembly:
         assembly(a.assembly)
+        return
+    if a.to_parquet:
+        to_parquet(Path(a.to_parquet[0]), Path(a.to_parquet[1]))
+        return
+    if a.encode_file:
+        encode_file(Path(a.encode_file[0]), Path(a.encode_file[1]), a.num_proc, a.reference)
         return
     if a.warm:
         print(json.dumps(warm_run(Path(a.warm[0]), Path(a.warm[1]))))

@@ -339,7 +339,9 @@ _RANK_SCRIPT = textwrap.dedent("""
     dist.all_gather(every, mine)
     with open(f"{sys.argv[4]}.rank{dist.get_rank()}.json", "w") as f:  # (the ranks share one stdout)
         json.dump({"folder": str(got.data.folder), "all": [t.tolist() for t in every]}, f)
-    dist.barrier()  # both done; no destroy_process_group: gloo's teardown aborted at exit, 1 run in 3
+    dist.barrier()  # both done
+    from turntune.parallel import leave_distributed
+    leave_distributed(0)  # as the CLI leaves: interpreter teardown with gloo up can abort (SIGABRT)
 """)
 
 

@@ -187,7 +187,7 @@ from turntune.data import load_conversations
 from turntune.encoding import EncodeOptions, encode_conversations, resolve_template
 from turntune.evaluation import evaluate
 from turntune.models import add_lora, load_model, load_tokenizer
-from turntune.parallel import Dist, shard_model
+from turntune.parallel import Dist, leave_distributed, shard_model
 
 model_dir, data, result = sys.argv[1:]
 dist.init_process_group("gloo")
@@ -203,9 +203,11 @@ whole = evaluate(model, examples, **kw)
 root = shard_model(model, Dist(dist.get_rank(), dist.get_world_size()))
 sharded = evaluate(root, examples, **kw)
 if dist.get_rank() == 0:
-    json.dump({"rows": len(pack(list(examples), 512)), "whole": [whole.loss, whole.tokens, whole.per_turn],
-               "sharded": [sharded.loss, sharded.tokens, sharded.per_turn]}, open(result, "w"))
-dist.destroy_process_group()
+    with open(result, "w") as f:
+        json.dump({"rows": len(pack(list(examples), 512)), "whole": [whole.loss, whole.tokens, whole.per_turn],
+                   "sharded": [sharded.loss, sharded.tokens, sharded.per_turn]}, f)
+dist.barrier()
+leave_distributed(0)  # as the CLI ends a torchrun process (parallel.py)
 """
 
 
@@ -241,7 +243,7 @@ from turntune.data import load_conversations
 from turntune.encoding import EncodeOptions, encode_conversations, resolve_template
 from turntune.loss import window_weight
 from turntune.models import add_lora, load_model, load_tokenizer
-from turntune.parallel import distribute, setup_distributed, sum_over_ranks
+from turntune.parallel import distribute, leave_distributed, setup_distributed, sum_over_ranks
 from turntune.training import accumulate
 
 model_dir, data, result = sys.argv[1:]
@@ -290,7 +292,8 @@ got = (float(num), {n: p.grad.clone() for n, p in trainable.items()})
 if d.rank == 0:
     torch.save({"ddp": isinstance(runner, DistributedDataParallel), "note": note, "reductions": reductions,
                 "reference": reference, "got": got}, result)
-torch.distributed.barrier()  # both done; no destroy_process_group: gloo's teardown aborted at exit, 1 run in 3
+torch.distributed.barrier()  # both done
+leave_distributed(0)  # as the CLI ends a torchrun process (parallel.py)
 """
 
 
@@ -335,3 +338,39 @@ def test_fsdp_with_one_process_runs_the_whole_model(one_process, tiny_glm_path, 
     assert "train.parallel=fsdp with one process: nothing to shard, the model runs whole" in stdout
     assert "FSDP2" not in stdout
     assert _metrics(tmp_path / "one") == _metrics(one_process)
+
+
+def test_a_torchrun_process_leaves_without_the_interpreters_teardown(tmp_path, monkeypatch):
+    """Left to interpreter teardown, gloo's threads can abort a finished rank (SIGABRT after the
+    work is saved: a failed job). The CLI destroys the group and leaves with its exit code."""
+    import atexit
+
+    import torch.distributed as dist
+
+    from turntune import parallel
+    from turntune.cli import main
+
+    left = []
+
+    class Left(Exception):
+        pass
+
+    def fake_exit(code):
+        left.append((code, dist.is_initialized()))
+        raise Left
+
+    monkeypatch.setattr(parallel.os, "_exit", fake_exit)
+    hooks = []
+    monkeypatch.setattr(atexit, "_run_exitfuncs", lambda: hooks.append(dist.is_initialized()))  # not pytest's
+    data = str(ROOT / "examples/data/eval.jsonl")
+    assert main(["validate", data]) == 0 and left == []  # no process group: an ordinary return
+    try:
+        for i, argv in enumerate((["validate", data], ["validate", str(tmp_path / "missing.jsonl")])):
+            dist.init_process_group("gloo", init_method=f"file://{tmp_path / f'store{i}'}", rank=0, world_size=1)
+            with pytest.raises(Left):
+                main(argv)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert left == [(0, False), (2, False)]  # the exit code kept, the group destroyed first
+    assert hooks == [False, False]  # and what a normal exit runs first, run

@@ -253,7 +253,9 @@ DDP_CHILD = textwrap.dedent("""
     dist.all_reduce(local)                                   # each rank holds its share of the loss
     torch.save((single, (float(local), {k.removeprefix("module.model."): v for k, v in g.items()})),
                f"{d}/rank{rank}.pt")
-    dist.destroy_process_group()
+    dist.barrier()
+    from turntune.parallel import leave_distributed
+    leave_distributed(0)  # as the CLI ends a torchrun process (parallel.py)
 """)
 
 

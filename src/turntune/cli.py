@@ -332,6 +332,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _main(argv)
+    parallel = sys.modules.get("turntune.parallel")  # loaded by train/eval; under torchrun, leave cleanly
+    return parallel.leave_distributed(code) if parallel else code
+
+
+def _main(argv: list[str] | None) -> int:
     # HF_HUB_OFFLINE is the user's: a Hub repo id as model.path is downloaded when online and read
     # from the cache when offline (models.hub_snapshot); a local folder never touches the network.
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
