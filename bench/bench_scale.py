@@ -2,6 +2,9 @@
 
     .venv/bin/python bench/bench_scale.py --n 20000 --small 2000       # ~6 min on 2 shared cores
     .venv/bin/python bench/bench_scale.py --plans 1000000              # ~1 min: epoch-0 plans, old vs new
+    .venv/bin/python bench/bench_scale.py --assembly DIR               # micro-batches: from examples vs columns
+    .venv/bin/python bench/bench_scale.py --to-parquet big.jsonl big.parquet
+    .venv/bin/python bench/bench_scale.py --encode-file big.parquet OUT --reference DIR   # one cold encode
 
 ``--plans N``: the batch plan of epoch 0 (what ``MicroBatches`` computes before step 1) for N
 random lengths (lognormal, clipped to 100..2048, mean ~700: ~700 M tokens at 1 M; or the lengths
@@ -253,27 +256,25 @@ def assembly(folder: str, n: int = 40) -> None:
 
 
 def to_parquet(src: Path, dst: Path, rows: int = 20000) -> None:
-    """A JSONL file's records as one Parquet file, ``rows`` records per row group, streamed. The
-    schema is the first batch's; a later batch whose inferred schema differs stops the conversion
-    (a field of the records would be dropped, not carried)."""
+    """A JSONL file's records as one Parquet file, ``rows`` records per row group, streamed in two
+    passes: the first unifies every batch's inferred schema (a field only some records have, e.g.
+    ``tools``, is in it), the second writes each batch in that schema (absent fields as nulls,
+    which turntune reads as absent)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    writer, n, batch = None, 0, []
-    with src.open(encoding="utf-8") as f:
-        for line in itertools.chain(f, [None]):
-            if line is not None:
-                batch.append(json.loads(line))
-            if batch and (line is None or len(batch) == rows):
-                table = pa.Table.from_pylist(batch)
-                if writer is None:
-                    writer = pq.ParquetWriter(dst, table.schema)
-                elif not table.schema.equals(writer.schema):
-                    table = table.cast(writer.schema)  # same fields (only types inferred null may differ) or it raises
-                writer.write_table(table)
-                n, batch = n + len(batch), []
-    writer.close()
-    print(f"wrote {n:,} records to {dst} ({dst.stat().st_size / 2**20:,.0f} MB)")
+    def batches():
+        with src.open(encoding="utf-8") as f:
+            while batch := [json.loads(line) for line in itertools.islice(f, rows)]:
+                yield batch
+
+    schema = pa.unify_schemas([pa.Table.from_pylist(b).schema for b in batches()], promote_options="permissive")
+    n = 0
+    with pq.ParquetWriter(dst, schema) as writer:
+        for b in batches():
+            writer.write_table(pa.Table.from_pylist(b, schema=schema))
+            n += len(b)
+    print(f"wrote {n:,} records to {dst} ({dst.stat().st_size / 2**20:,.0f} MB); schema: {schema}")
 
 
 def encode_file(data: Path, out: Path, num_proc: int, reference: str | None) -> None:
