@@ -59,8 +59,8 @@ def _rows(batches, name: str, start: int = 0) -> Iterator[tuple[str, Any]]:
 
 def parquet_records(path: Path, name: str) -> Iterator[tuple[str, Any]]:
     pa = _pyarrow(name)
-    try:
-        f = pa.parquet.ParquetFile(path)
+    try:  # pre_buffer (pyarrow's default) keeps every row group read so far: 1.7 GB at 1 M records
+        f = pa.parquet.ParquetFile(path, pre_buffer=False)
     except (OSError, pa.ArrowException) as e:
         raise DataError(f"not a readable Parquet file ({e}); re-export it", source=name,
                         rule="unreadable_file") from None

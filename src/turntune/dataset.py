@@ -28,6 +28,9 @@ marker, or whose files do not have the sizes ``meta.json`` names, is not a cache
 again. One process per cache encodes (an exclusive ``flock`` on ``FOLDER.lock``); every other
 process -- the other ranks of a torchrun job -- waits on the lock, then maps the result.
 
+Reading: ``data[i]`` builds example i as an ``Example``; a training micro-batch is gathered from
+the columns directly (``EncodedData.batch``: one gather per column, no per-token Python objects).
+
 Encoding streams: records are read, validated and encoded ``CHUNK`` at a time in file order,
 over ``num_proc`` forked worker processes (each with its own copy of the template), and written
 in the same order, so the bytes are the same whatever the number of processes.
