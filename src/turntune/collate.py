@@ -18,6 +18,10 @@ Two layouts, one label rule.
   over the flattened rows from ``varlen_kwargs``: transformers infers them from position_ids only
   for a single row, so with several rows flash attention would otherwise attend across examples.
 
+Cached data (``dataset.EncodedData``) builds the same ``Batch`` from its memory-mapped columns
+in ``EncodedData.batch`` (one gather per column: it reads the cache's own encoding of labels and
+weights); tests/test_dataset.py holds the two paths equal, tensor for tensor.
+
 The label rule: the first token of every example never has a label. HF-style models shift inside
 (logits at position i predict ``labels[i+1]``), so the label at an example's first position would
 be predicted from whatever precedes it in the row: the end of the previous packed example, or a

@@ -227,6 +227,7 @@ class LossModel(nn.Module):
 
 
 TREE_IMPLEMENTATIONS = frozenset({VARLEN_NAME, "sdpa", "eager", "flex_attention"})  # read a tree's attention
+TREE_FIX = f"use {VARLEN_NAME} (the default), sdpa, eager or flex_attention"
 
 
 def reads_varlen(model: nn.Module) -> bool:
@@ -248,8 +249,7 @@ def _inputs(model: nn.Module, batch: Batch, block_mask_dtype: torch.dtype | None
     impl = getattr(getattr(lm, "config", None), "_attn_implementation", None)
     if impl is not None and impl not in TREE_IMPLEMENTATIONS:
         raise ConfigError(f"model.attn_implementation={impl} cannot attend token trees (its kernel takes example "
-                          f"boundaries or a causal mask, not a tree mask); use {VARLEN_NAME} (the default), sdpa, "
-                          "eager or flex_attention")
+                          f"boundaries or a causal mask, not a tree mask); {TREE_FIX}")
     if impl == VARLEN_NAME and block_mask_dtype is None:
         return model_inputs(batch, varlen=True)
     dtype = block_mask_dtype or next(lm.parameters()).dtype

@@ -36,7 +36,7 @@ from turntune.encoding import EncodeOptions, check_lost
 from turntune.errors import ConfigError, TurntuneError
 from turntune.example import Example
 from turntune.evaluation import EvalResult, evaluate
-from turntune.loss import TREE_IMPLEMENTATIONS, backward_loss, batch_loss, window_weight
+from turntune.loss import TREE_FIX, TREE_IMPLEMENTATIONS, backward_loss, batch_loss, window_weight
 from turntune import checkpoint as ckpt
 from turntune.models import add_lora, check_model_folder, load_model, resolve_path
 from turntune.parallel import (Dist, after_eval, check_loss, checkpointed, clip_gradients, distribute, final_weights,
@@ -191,7 +191,7 @@ def _encode_split(path, cfg: Config, template, log: Log, what: str, options: Enc
     if rep.trees and cfg.model.attn_implementation not in TREE_IMPLEMENTATIONS:
         raise ConfigError(f"{path}: {rep.trees:,} conversations are token trees (their template rewrites earlier "
                           f"replies), and model.attn_implementation={cfg.model.attn_implementation} cannot attend a "
-                          "tree; use sdpa_varlen (the default), sdpa, eager or flex_attention")
+                          f"tree; {TREE_FIX}")
     if not len(data):
         raise TurntuneError(f"{path}: no example has a trained token (see the report above); nothing to train on")
     return data, rep
